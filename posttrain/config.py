@@ -1,0 +1,309 @@
+"""The pipeline configuration: one pydantic model per stage section, validated on load.
+
+    cfg = load_config("configs/demo.yaml", overrides=["sft.max_steps=100"])
+
+Unknown keys and bad values raise `ConfigError` with a one-line message naming the key
+(`sft.lr: Input should be a valid number`). Nothing here imports torch or any stage code, so a
+config can be checked in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the file and key."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo such as `sft.learning_rte` must fail, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- runtime and tracking
+
+
+class RuntimeConfig(Section):
+    """Where and how stages execute. Not part of any fingerprint: it does not change results."""
+
+    threads: int = Field(1, ge=1, description="torch intra-op threads; 1 is fastest for tiny models on a busy 2-core box")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite file under the store root")
+    experiment: str = "posttrain"
+    log_models: bool = Field(True, description="upload model folders as MLflow artifacts (turn off for large models)")
+
+
+class LauncherConfig(Section):
+    """How a training stage is executed: inside the flow's process, or as `python -m tasks.<stage>`."""
+
+    kind: Literal["inprocess", "subprocess"] = "inprocess"
+    # Prefix for the subprocess command, e.g. ["accelerate", "launch", "--num_processes", "8"].
+    command: list[str] = Field(default_factory=lambda: ["python"])
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+class TinyModelConfig(Section):
+    """A Llama-architecture model built from a config (no download); ~0.1M params by default."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 176
+    max_position_embeddings: int = 256
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(None, description="HF model id or local folder; null builds the tiny demo model")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class GenerateConfig(Section):
+    """The demo generator: verifiable skills with planted noise so cleaning and dedup have work."""
+
+    kind: Literal["skills"] = "skills"
+    rows: int = Field(20000, ge=1)
+    seed: int = 0
+    skills: list[str] | None = Field(None, description="subset of skills; null = all")
+    exact_duplicates: float = Field(0.03, ge=0, le=1, description="fraction of rows planted as exact copies")
+    near_duplicates: float = Field(0.03, ge=0, le=1, description="fraction planted as spacing/case/punctuation variants")
+    empty: float = Field(0.005, ge=0, le=1)
+    overlong: float = Field(0.005, ge=0, le=1)
+
+
+class SourceConfig(Section):
+    path: str | None = None
+    format: Literal["jsonl", "json", "generated"] = "jsonl"
+    role: Literal["instruction", "preference", "prompt"]
+    generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceConfig":
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of `path` or `generate`")
+        if self.generate is not None:
+            self.format = "generated"
+        return self
+
+
+class NearDupConfig(Section):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=16)
+    shingle_size: int = Field(3, ge=1)
+    shingle_unit: Literal["char", "word"] = "char"
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig]
+    max_tokens: int = Field(96, ge=8, description="rows longer than this (prompt+response, run tokenizer) are dropped")
+    min_response_chars: int = Field(1, ge=0)
+    dedup_key: list[str] = Field(default_factory=lambda: ["prompt", "response"], description="fields joined for dedup")
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
+    decontaminate: bool = True
+    eval_fraction: float = Field(0.02, gt=0, lt=1)
+    seed: int = 0
+    contract_suites: bool = True
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+class BenchmarkConfig(Section):
+    """A held-out benchmark definition. `kind` picks a task from posttrain.benchmarks."""
+
+    kind: Literal["skills"] = "skills"
+    per_skill: int = Field(100, ge=1)
+    seed: int = 1234
+    skills: list[str] | None = None
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+class LoraConfig(Section):
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class SftConfig(Section):
+    method: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_steps: int = Field(2500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = 0.0
+    max_length: int = Field(96, ge=8)
+    eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+
+class RewardConfig(Section):
+    init_from: Literal["sft", "base"] = "sft"
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    max_length: int = Field(96, ge=8)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    max_steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    max_length: int = Field(96, ge=8)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+
+ALIGN_METHODS_AVAILABLE = ("dpo",)
+
+
+class AlignConfig(Section):
+    methods: list[str] = Field(default_factory=lambda: ["dpo"])
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        for name in methods:
+            if name not in ALIGN_METHODS_AVAILABLE:
+                raise ValueError(f"method {name!r} is not implemented; available: {', '.join(ALIGN_METHODS_AVAILABLE)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed twice")
+        return methods
+
+
+class StudentConfig(Section):
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 88
+
+
+class DistillConfig(Section):
+    teacher: Literal["sft", "base"] = Field("sft", description="which model of the run teaches")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    max_steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = 30
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1-alpha on the teacher's logits")
+    top_k: int = Field(16, ge=1, description="teacher logits kept per position (precomputed once)")
+    max_length: int = Field(96, ge=8)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+
+class QuantizeConfig(Section):
+    source: Literal["sft", "student", "base"] = Field("sft", description="which model of the run is quantized")
+    methods: list[Literal["nf4", "int8"]] = Field(default_factory=lambda: ["nf4", "int8"])
+    eval_rows: int = Field(256, ge=1, description="eval-split rows used to measure the loss before/after")
+
+
+class EvaluateConfig(Section):
+    """Scoring settings only; what is scored lives in `benchmarks`."""
+
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(128, ge=1)
+    limit_per_skill: int | None = Field(None, ge=1, description="score only the first N items of each skill")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class PipelineConfig(Section):
+    run_name: str | None = Field(None, description="default: the config file's stem")
+    seed: int = 0
+    store_root: str = Field("artifacts", description="holds store/, runs/, logs/ and the default MLflow database")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=lambda: {"skills": BenchmarkConfig()})
+    sft: SftConfig = Field(default_factory=SftConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _parse_scalar(text: str):
+    """`--set` values are YAML scalars/flow collections: 1e-4, true, null, [dpo], {a: 1}."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_override(tree: dict, assignment: str, source: str = "--set") -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"{source} {assignment!r}: expected key=value, e.g. sft.lr=1e-4")
+    dotted, _, raw = assignment.partition("=")
+    keys = dotted.strip().split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source} {dotted}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = _parse_scalar(raw.strip())
+
+
+def _format_error(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{location}: {message}" if location else message
+
+
+def validate_config(tree: dict, origin: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more)" if more else ""
+        raise ConfigError(f"{origin}: {_format_error(first)}{suffix}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    tree.setdefault("run_name", path.stem)
+    return validate_config(tree, origin=str(path))

@@ -1,0 +1,132 @@
+"""What every training stage sets the same way: precision, logging-off trainer defaults, progress.
+
+    args = SFTConfig(**trainer_defaults(out_dir, seed=0), max_steps=100, ...)
+    trainer = SFTTrainer(..., callbacks=[ProgressCallback("sft")])
+    ...
+    metrics = {**progress.summary(), "eval_loss": ...}
+
+TRL configs default to bf16=True, which made SFT ~8x slower on a CPU without bf16 units
+(FIELD_NOTES); `trainer_defaults` turns bf16 on only where a GPU supports it. Checkpointing and
+external reporting are off: the stage writes its final model itself and the flow logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def use_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_defaults(out_dir: Path, seed: int) -> dict:
+    """Keyword arguments shared by every TRL/transformers trainer config we build."""
+    return {
+        "output_dir": str(Path(out_dir) / "_trainer"),  # scratch: nothing is saved there (save_strategy=no)
+        "seed": seed,
+        "bf16": use_bf16(),
+        "fp16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+    }
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Throughput:
+    """Counts tokens and steps against wall time; used by our own loops and by ProgressCallback."""
+
+    def __init__(self, stage: str, total_steps: int, print_every: float = 10.0):
+        self.stage = stage
+        self.total_steps = total_steps
+        self.print_every = print_every
+        self.started = time.perf_counter()
+        self.last_print = self.started
+        self.tokens = 0
+        self.steps = 0
+        self.last_loss: float | None = None
+
+    def update(self, steps: int, tokens: int, loss: float | None = None) -> None:
+        self.steps, self.tokens = steps, tokens
+        if loss is not None:
+            self.last_loss = loss
+        now = time.perf_counter()
+        if now - self.last_print >= self.print_every or steps == self.total_steps:
+            self.last_print = now
+            self._print()
+
+    def _print(self) -> None:
+        from rich.console import Console
+
+        elapsed = time.perf_counter() - self.started
+        loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+        Console(stderr=True).print(
+            f"  [cyan]{self.stage}[/] step {self.steps}/{self.total_steps}{loss}"
+            f"  {self.tokens / max(elapsed, 1e-9):,.0f} tok/s  {elapsed:.0f}s",
+            highlight=False,
+        )
+
+    def summary(self) -> dict:
+        elapsed = time.perf_counter() - self.started
+        return {
+            "train_seconds": round(elapsed, 2),
+            "train_steps": self.steps,
+            "train_tokens": self.tokens,
+            "tokens_per_second": round(self.tokens / max(elapsed, 1e-9), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            **({"final_train_loss": round(self.last_loss, 5)} if self.last_loss is not None else {}),
+        }
+
+
+class ProgressCallback(TrainerCallback):
+    """Prints step, loss and tokens/s every few seconds; collects the figures for the manifest."""
+
+    def __init__(self, stage: str, print_every: float = 10.0):
+        self.stage = stage
+        self.print_every = print_every
+        self.meter: Throughput | None = None
+        self.loss_history: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter = Throughput(self.stage, state.max_steps, self.print_every)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss_history.append((state.global_step, float(logs["loss"])))
+            self.meter.update(state.global_step, int(state.num_input_tokens_seen), float(logs["loss"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.meter.update(state.global_step, int(state.num_input_tokens_seen))
+
+    def summary(self) -> dict:
+        return self.meter.summary() if self.meter else {}
+
+
+def write_loss_history(out_dir: Path, history: list[tuple[int, float]]) -> None:
+    """Per-step losses go in a file (and from there to MLflow as a metric series)."""
+    (Path(out_dir) / "loss_history.json").write_text(json.dumps([{"step": s, "loss": l} for s, l in history]))
+
+
+def remove_scratch(out_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(Path(out_dir) / "_trainer", ignore_errors=True)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
