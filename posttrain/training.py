@@ -59,14 +59,16 @@ class Throughput:
         self.tokens = 0
         self.steps = 0
         self.last_loss: float | None = None
+        self.printed_step = -1
 
     def update(self, steps: int, tokens: int, loss: float | None = None) -> None:
         self.steps, self.tokens = steps, tokens
         if loss is not None:
             self.last_loss = loss
         now = time.perf_counter()
-        if now - self.last_print >= self.print_every or steps == self.total_steps:
-            self.last_print = now
+        due = now - self.last_print >= self.print_every or steps == self.total_steps
+        if due and steps != self.printed_step:
+            self.last_print, self.printed_step = now, steps
             self._print()
 
     def _print(self) -> None:
@@ -114,6 +116,14 @@ class ProgressCallback(TrainerCallback):
 
     def summary(self) -> dict:
         return self.meter.summary() if self.meter else {}
+
+
+def quiet(trainer) -> None:
+    """Drop transformers' own log printer: ProgressCallback already reports, one line per interval."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback as TqdmCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(TqdmCallback)
 
 
 def write_loss_history(out_dir: Path, history: list[tuple[int, float]]) -> None:

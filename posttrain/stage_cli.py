@@ -1,0 +1,38 @@
+"""Entry point shared by `python -m tasks.<stage>`: run one stage as its own process.
+
+    python -m tasks.sft --config sft.json --inputs inputs.json --out /path/to/staging
+    accelerate launch -m tasks.sft --config ...        # the same, on several GPUs
+
+`--config` is the stage's section as JSON, `--inputs` maps input names to published artifact
+folders. The stage writes into `--out`; its draft manifest goes to `--out/_draft.json` for the
+parent process (posttrain.runner) to publish. Only the main process (rank 0) writes the draft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from posttrain.artifacts import Artifact
+
+
+def main(run, section_class) -> None:
+    parser = argparse.ArgumentParser(description="Run one posttrain stage in its own process.")
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--inputs", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("POSTTRAIN_THREADS", "1")))
+    section = section_class.model_validate(json.loads(args.config.read_text()))
+    inputs = {name: Artifact.load(Path(path)) for name, path in json.loads(args.inputs.read_text()).items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    draft = run(section, inputs, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (args.out / "_draft.json").write_text(json.dumps(draft.manifest, default=str))
+    sys.exit(0)

@@ -1,0 +1,188 @@
+"""DPO align branch: tune the SFT model on preference pairs with TRL's `DPOTrainer`.
+
+    python -m tasks.align.dpo --config '{"beta": 0.1, "max_steps": 150}' \\
+        --inputs '{"sft": "artifacts/store/sft/<fp>", "data": "artifacts/store/data/<fp>"}' --out /tmp/dpo
+
+Inputs: `sft` — a Hugging Face causal-LM folder, both the policy's starting point and the frozen
+reference; `data` — a data artifact whose `preference/{train,eval}.jsonl` rows are
+`{"prompt", "chosen", "rejected"}`. DPO takes no reward model: retraining the reward stage never
+changes this stage's result.
+
+Output: the aligned causal LM (safetensors + tokenizer). Figures: TRL's last logged
+`rewards/accuracies` and `rewards/margins` on the training batches, and our own held-out measure on
+`preference/eval.jsonl`: the implicit reward β·(log π(y|x) − log π_ref(y|x)), summed over completion
+tokens, ranks chosen above rejected in what fraction of pairs (0.5 before training — every reward is
+0 and ties count half). Because a too-high learning rate can raise that accuracy while pushing the
+likelihood of the correct answers down (and with it the skills SFT taught), we also report the
+policy's own preference (log π(chosen) > log π(rejected)) and the mean log-prob of the chosen
+answers, before and after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.artifacts import Artifact
+from posttrain.config import DpoConfig
+from posttrain.formatting import IGNORE_INDEX, encode_example, pad_batch, preference_example
+from posttrain.jsonl import read_jsonl
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.training import ProgressCallback, remove_scratch, trainer_defaults, write_loss_history
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SCORE_BATCH = 64  # sequences per forward when scoring; inference only
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Preference rows from one split, checked: every row needs non-empty prompt/chosen/rejected strings."""
+    if not path.is_file():
+        raise ValueError(f"{path}: preference split not found (is `data` a data-stage artifact?)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no preference rows")
+    for number, row in enumerate(rows, start=1):
+        for key in PAIR_FIELDS:
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ValueError(f"{path} row {number}: key {key!r} must be a non-empty string")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"{path} row {number}: chosen and rejected are identical")
+    return rows
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int) -> torch.Tensor:
+    """Sum of log-probs of each completion (its tokens and the EOS) given its prompt, as DPO scores it."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = []
+    for start in range(0, len(prompts), SCORE_BATCH):
+        examples = [
+            encode_example(tokenizer, prompt, completion, max_length)
+            for prompt, completion in zip(prompts[start : start + SCORE_BATCH], completions[start : start + SCORE_BATCH])
+        ]
+        batch = {key: value.to(device) for key, value in pad_batch(examples, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]  # token t is predicted from position t-1
+        mask = labels != IGNORE_INDEX
+        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums.append((token_logps * mask).sum(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(sums)
+
+
+def pair_logps(model, tokenizer, rows: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    prompts = [row["prompt"] for row in rows]
+    chosen = completion_logps(model, tokenizer, prompts, [row["chosen"] for row in rows], max_length)
+    rejected = completion_logps(model, tokenizer, prompts, [row["rejected"] for row in rows], max_length)
+    return chosen, rejected
+
+
+def win_rate(difference: torch.Tensor) -> float:
+    """Fraction of positive entries, ties counting half (so identical policy and reference give 0.5)."""
+    return round(((difference > 0).float() + 0.5 * (difference == 0).float()).mean().item(), 4)
+
+
+def held_out_metrics(reference: tuple, policy: tuple, beta: float, prefix: str) -> dict:
+    """Implicit-reward accuracy/margin of `policy` against `reference`, plus the policy's own preference."""
+    ref_chosen, ref_rejected = reference
+    chosen, rejected = policy
+    implicit_margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return {
+        f"{prefix}implicit_reward_accuracy": win_rate(implicit_margin),
+        f"{prefix}implicit_reward_margin": round(implicit_margin.mean().item(), 4),
+        f"{prefix}preference_accuracy": win_rate(chosen - rejected),
+        f"{prefix}chosen_logp": round(chosen.mean().item(), 4),
+        f"{prefix}rejected_logp": round(rejected.mean().item(), 4),
+    }
+
+
+def last_logged(log_history: list[dict], key: str) -> float | None:
+    """The trainer's most recent value of a logged metric (TRL averages them over each logging window)."""
+    for entry in reversed(log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    out_dir = Path(out_dir)
+    seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
+    data_dir = Path(inputs["data"].path)
+    train_rows = read_pairs(data_dir / "preference" / "train.jsonl")
+    eval_rows = read_pairs(data_dir / "preference" / "eval.jsonl")
+
+    sft_dir = Path(inputs["sft"].path)
+    tokenizer = load_tokenizer(sft_dir)
+    set_seed(seed)
+    # fp32 weights: on a GPU the trainer's bf16 autocast still gives the speed; optimizer state stays exact.
+    policy = load_causal_lm(sft_dir, dtype="float32")
+    # The reference is loaded explicitly from the same folder. Left to itself, DPOTrainer rebuilds it from
+    # config._name_or_path, which fails for a model built from a config (FIELD_NOTES).
+    reference = load_causal_lm(sft_dir, dtype="float32")
+    reference.requires_grad_(False)
+
+    eval_reference = pair_logps(reference, tokenizer, eval_rows, config.max_length)
+    before = held_out_metrics(eval_reference, eval_reference, config.beta, prefix="eval_before_")
+
+    train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
+    args = DPOConfig(
+        **{
+            **trainer_defaults(out_dir, seed),
+            "logging_steps": max(1, min(10, config.max_steps // 10)),
+        },
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, config.max_steps // 10),
+        beta=config.beta,
+        max_length=config.max_length,
+        # TRL turns this on by default; for a small model it only costs time (recomputes activations).
+        gradient_checkpointing=False,
+    )
+    progress = ProgressCallback("dpo")
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[progress],
+    )
+    trainer.train()
+
+    eval_policy = pair_logps(trainer.model, tokenizer, eval_rows, config.max_length)
+    after = held_out_metrics(eval_reference, eval_policy, config.beta, prefix="eval_")
+    save_pretrained(trainer.model, tokenizer, out_dir)
+    write_loss_history(out_dir, progress.loss_history)
+    remove_scratch(out_dir)
+
+    summary = progress.summary()
+    metrics = {
+        **summary,
+        "seconds_per_step": round(summary["train_seconds"] / max(summary["train_steps"], 1), 4),
+        **before,  # implicit reward before training: 0.5 accuracy, 0 margin by construction (the chance line)
+        **after,
+        "eval_chosen_logp_change": round(after["eval_chosen_logp"] - before["eval_before_chosen_logp"], 4),
+        "train_pairs": len(trainer.train_dataset),
+        "eval_pairs": len(eval_rows),
+        "parameters": count_parameters(trainer.model),
+    }
+    for logged, name in (("rewards/accuracies", "train_rewards_accuracy"), ("rewards/margins", "train_rewards_margin")):
+        value = last_logged(trainer.state.log_history, logged)
+        if value is not None:
+            metrics[name] = round(value, 4)
+    return Artifact.draft(out_dir, metrics=metrics)
+
+
+if __name__ == "__main__":
+    from posttrain.stage_cli import main
+
+    main(run, DpoConfig)

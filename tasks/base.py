@@ -1,0 +1,30 @@
+"""Base stage: the starting model and tokenizer, as an artifact like any other.
+
+    run(ModelConfig(), {}, out_dir)                             # builds the tiny offline demo model
+    run(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B"), {}, out)  # or loads an HF id / local folder
+
+The model is saved into the store (safetensors, config, tokenizer), so every later stage and the
+data filters read the same weights and the same tokenizer from one content-addressed folder, and
+a change of upstream weights changes the digest that downstream fingerprints depend on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.artifacts import Artifact
+from posttrain.config import ModelConfig
+from posttrain.models import build_tiny, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+
+
+def run(config: ModelConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
+    if config.name_or_path is None:
+        model, tokenizer = build_tiny(config.tiny, seed=config.seed or 0)
+        origin = "tiny-llama (built from config)"
+    else:
+        tokenizer = load_tokenizer(config.name_or_path, config.revision, config.trust_remote_code)
+        model = load_causal_lm(config.name_or_path, config.revision, config.trust_remote_code, config.dtype)
+        origin = config.name_or_path
+    save_pretrained(model, tokenizer, out_dir)
+    metrics = {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+    return Artifact.draft(out_dir, metrics, origin=origin, architecture=type(model).__name__)

@@ -1,0 +1,169 @@
+"""Reward stage: train a scalar reward model on preference pairs with TRL's `RewardTrainer`.
+
+    python -m tasks.reward --config '{"max_steps": 200}' \\
+        --inputs '{"init": "artifacts/store/sft/<fp>", "data": "artifacts/store/data/<fp>"}' --out /tmp/rm
+
+Inputs: `init` — a Hugging Face causal-LM folder (the SFT model or the base; the flow picks it) whose
+body becomes the reward model's body under a fresh one-output `score` head; `data` — a data artifact
+whose `preference/{train,eval}.jsonl` rows are `{"prompt", "chosen", "rejected"}`.
+
+Output: a `AutoModelForSequenceClassification` folder (safetensors + tokenizer) whose logit for
+`prompt_text(prompt) + completion_text(answer) + EOS` scores the answer. The figure that matters is
+held-out pairwise accuracy — the fraction of eval pairs where chosen scores above rejected — measured
+here, by our own code, before and after training, so the gain over the untrained head is visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.artifacts import Artifact
+from posttrain.config import RewardConfig
+from posttrain.formatting import preference_example
+from posttrain.jsonl import read_jsonl
+from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.training import ProgressCallback, remove_scratch, trainer_defaults, write_loss_history
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger than the train batch
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Preference rows from one split, checked: every row needs non-empty prompt/chosen/rejected strings."""
+    if not path.is_file():
+        raise ValueError(f"{path}: preference split not found (is `data` a data-stage artifact?)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no preference rows")
+    for number, row in enumerate(rows, start=1):
+        for key in PAIR_FIELDS:
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ValueError(f"{path} row {number}: key {key!r} must be a non-empty string")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"{path} row {number}: chosen and rejected are identical")
+    return rows
+
+
+def pair_texts(row: dict, eos_token: str) -> tuple[str, str]:
+    """The exact strings RewardTrainer scores: prompt + completion + EOS (it appends EOS itself)."""
+    example = preference_example(row)
+    return (example["prompt"] + example["chosen"] + eos_token, example["prompt"] + example["rejected"] + eos_token)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    """One reward per text. Right padding: the classifier reads the last non-pad token (config.pad_token_id)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(texts), SCORE_BATCH):
+        batch = tokenizer(
+            texts[start : start + SCORE_BATCH],
+            add_special_tokens=False,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
+def pairwise_metrics(model, tokenizer, rows: list[dict], max_length: int, prefix: str) -> dict:
+    """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
+    chosen_texts, rejected_texts = zip(*(pair_texts(row, tokenizer.eos_token) for row in rows))
+    chosen = score_texts(model, tokenizer, list(chosen_texts), max_length)
+    rejected = score_texts(model, tokenizer, list(rejected_texts), max_length)
+    wins = (chosen > rejected).float()
+    metrics = {f"{prefix}accuracy": round(wins.mean().item(), 4), f"{prefix}margin": round((chosen - rejected).mean().item(), 4)}
+    skills = sorted({row["skill"] for row in rows if isinstance(row.get("skill"), str)})
+    for skill in skills:
+        mask = torch.tensor([row.get("skill") == skill for row in rows])
+        metrics[f"{prefix}accuracy_{skill}"] = round(wins[mask].mean().item(), 4)
+    return metrics
+
+
+def last_logged(log_history: list[dict], key: str) -> float | None:
+    """The trainer's most recent value of a logged metric (TRL averages them over each logging window)."""
+    for entry in reversed(log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    out_dir = Path(out_dir)
+    seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
+    data_dir = Path(inputs["data"].path)
+    train_rows = read_pairs(data_dir / "preference" / "train.jsonl")
+    eval_rows = read_pairs(data_dir / "preference" / "eval.jsonl")
+
+    init_dir = Path(inputs["init"].path)
+    tokenizer = load_tokenizer(init_dir)
+    set_seed(seed)  # the score head is freshly initialised: make it reproducible
+    model = load_reward_model(init_dir)
+    # The classifier finds each sequence's last real token through pad_token_id; base configs often lack it.
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    before = pairwise_metrics(model, tokenizer, eval_rows, config.max_length, prefix="eval_before_")
+
+    train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
+    args = TrlRewardConfig(
+        **{
+            **trainer_defaults(out_dir, seed),
+            # A few log points even for short test runs; TRL averages accuracy/margin over each window.
+            "logging_steps": max(1, min(10, config.max_steps // 10)),
+        },
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(30, config.max_steps // 10),
+        max_length=config.max_length,
+        # TRL turns this on by default; for a small model it only costs time (recomputes activations).
+        gradient_checkpointing=False,
+    )
+    progress = ProgressCallback("reward")
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[progress]
+    )
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise ValueError(f"every preference pair is longer than reward.max_length={config.max_length} tokens")
+    trainer.train()
+
+    after = pairwise_metrics(trainer.model, tokenizer, eval_rows, config.max_length, prefix="eval_")
+    save_pretrained(trainer.model, tokenizer, out_dir)
+    write_loss_history(out_dir, progress.loss_history)
+    remove_scratch(out_dir)
+
+    metrics = {
+        **progress.summary(),
+        **before,
+        **after,
+        "eval_accuracy_gain": round(after["eval_accuracy"] - before["eval_before_accuracy"], 4),
+        "train_pairs": kept,
+        "train_pairs_dropped_too_long": len(train_rows) - kept,
+        "eval_pairs": len(eval_rows),
+        "parameters": count_parameters(trainer.model),
+    }
+    for key in ("accuracy", "margin"):
+        value = last_logged(trainer.state.log_history, key)
+        if value is not None:
+            metrics[f"train_{key}"] = round(value, 4)
+    return Artifact.draft(out_dir, metrics=metrics)
+
+
+if __name__ == "__main__":
+    from posttrain.stage_cli import main
+
+    main(run, RewardConfig)

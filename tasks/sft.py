@@ -1,0 +1,125 @@
+"""SFT stage: supervised fine-tuning of the base model on instruction data with TRL's SFTTrainer.
+
+    run(SftConfig(max_steps=2500), {"base": base, "data": data}, out_dir)
+    python -m tasks.sft --config sft.json --inputs inputs.json --out DIR     # own process / accelerate
+
+Full fine-tuning by default; `method: lora` trains a peft LoRA adapter and merges it into the
+weights before saving, so every later stage receives a plain model folder whatever the method.
+Loss is on completion tokens only (prompt-completion dataset built by posttrain.formatting).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from posttrain import formatting
+from posttrain.artifacts import Artifact
+from posttrain.config import SftConfig
+from posttrain.jsonl import read_jsonl
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
+
+
+def _lora_config(config: SftConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 64) -> float:
+    """Mean cross-entropy per completion token: the stage's own quality figure on held-out rows."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in chunk]
+        batch = {k: v.to(device) for k, v in formatting.pad_batch(examples, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shifted_logits, shifted_labels = logits[:, :-1], batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.size(-1)),
+            shifted_labels.reshape(-1),
+            ignore_index=formatting.IGNORE_INDEX,
+            reduction="sum",
+        )
+        total_loss += loss.item()
+        total_tokens += int((shifted_labels != formatting.IGNORE_INDEX).sum())
+    return total_loss / max(total_tokens, 1)
+
+
+def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
+    seed = config.seed if config.seed is not None else 0
+    base_dir, data_dir = inputs["base"].path, inputs["data"].path
+    tokenizer = load_tokenizer(base_dir)
+    model = load_causal_lm(base_dir, dtype="float32")
+    train_records = read_jsonl(data_dir / "instruction" / "train.jsonl")
+    eval_records = read_jsonl(data_dir / "instruction" / "eval.jsonl")[: config.eval_rows]
+    if not train_records:
+        raise ValueError(f"{data_dir / 'instruction' / 'train.jsonl'}: no instruction rows to train on")
+    train_dataset = Dataset.from_list([formatting.sft_example(record) for record in train_records])
+
+    eval_loss_before = completion_loss(model, tokenizer, eval_records, config.max_length) if eval_records else math.nan
+    args = SFTConfig(
+        **trainer_defaults(out_dir, seed),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        packing=False,  # packing was slower on CPU (FIELD_NOTES)
+    )
+    progress = ProgressCallback("sft")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(config) if config.method == "lora" else None,
+        callbacks=[progress],
+    )
+    quiet(trainer)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+
+    trained = trainer.model
+    if config.method == "lora":
+        trained = trained.merge_and_unload()  # downstream stages get a plain model folder
+    eval_loss_after = completion_loss(trained, tokenizer, eval_records, config.max_length) if eval_records else math.nan
+    save_pretrained(trained, tokenizer, out_dir)
+    write_loss_history(out_dir, progress.loss_history)
+    remove_scratch(out_dir)
+
+    metrics = {
+        **progress.summary(),
+        "parameters": count_parameters(trained),
+        "trainable_parameters": trainable,
+        "train_rows": len(train_records),
+        "eval_loss_before": round(eval_loss_before, 5),
+        "eval_loss": round(eval_loss_after, 5),
+    }
+    return Artifact.draft(out_dir, metrics, method=config.method)
+
+
+if __name__ == "__main__":
+    from posttrain.stage_cli import main
+
+    main(run, SftConfig)

@@ -1,0 +1,65 @@
+"""Every shipped config loads and validates; bad keys and values fail with one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, PipelineConfig, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {path.name for path in CONFIGS}
+    assert {"demo.yaml", "smoke.yaml", "qwen2.5-0.5b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.run_name == path.stem
+    assert cfg.data.sources
+
+
+def test_qwen_config_loads_a_model_id_with_lora():
+    cfg = load_config(CONFIGS[0].parent / "qwen2.5-0.5b.yaml")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"
+    assert cfg.sft.method == "lora"
+    assert cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sft.lrr=1", "sft.lrr: unknown key"),
+        ("sft.lr=abc", "sft.lr: Input should be a valid number"),
+        ("align.methods=[dpo, ppo]", "align.methods: method 'ppo' is not implemented; available: dpo"),
+        ("sft.method=qlora", "sft.method: Input should be 'full' or 'lora'"),
+        ("data.sources=[]", "data.sources: List should have at least 1 item"),
+        ("sft.max_steps=0", "sft.max_steps: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_key_in_one_line(override, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS[0].parent / "demo.yaml", [override])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(str(CONFIGS[0].parent / "demo.yaml"))
+    assert expected in message
+
+
+def test_override_sets_nested_values_with_yaml_types(tmp_path):
+    cfg = load_config(CONFIGS[0].parent / "demo.yaml", ["sft.lr=1e-4", "evaluate.max_new_tokens=7", "sft.lora.r=4"])
+    assert cfg.sft.lr == pytest.approx(1e-4)
+    assert cfg.evaluate.max_new_tokens == 7
+    assert cfg.sft.lora.r == 4
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
