@@ -34,10 +34,10 @@ KEY_METRICS = {
     "benchmarks": ["skills_items"],
     "data": ["rows_in", "rows_out", "removed_exact_dup", "removed_near_dup", "removed_decontaminated"],
     "sft": ["eval_loss_before", "eval_loss", "tokens_per_second"],
-    "reward": ["eval_accuracy_before", "eval_accuracy", "tokens_per_second"],
-    "align-dpo": ["eval_implicit_accuracy_before", "eval_implicit_accuracy", "tokens_per_second"],
+    "reward": ["eval_before_accuracy", "eval_accuracy", "tokens_per_second"],
+    "align-dpo": ["eval_before_implicit_reward_accuracy", "eval_implicit_reward_accuracy", "tokens_per_second"],
     "distill": ["student_parameters", "student_eval_loss", "teacher_eval_loss", "agreement"],
-    "quantize": ["nf4.size_ratio", "nf4.loss_delta", "int8.size_ratio", "int8.loss_delta"],
+    "quantize": ["nf4_size_ratio", "nf4_loss_delta", "int8_size_ratio", "int8_loss_delta"],
     "evaluate": [],
 }
 

@@ -59,7 +59,8 @@ class TinyModelConfig(Section):
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    intermediate_size: int = 176
+    # 192, not 176: bitsandbytes' CPU 4-bit kernels need in/out features divisible by 64/32.
+    intermediate_size: int = 192
     max_position_embeddings: int = 256
 
 

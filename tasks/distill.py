@@ -4,9 +4,10 @@
     python -m tasks.distill --config distill.json --inputs inputs.json --out DIR
 
 The teacher runs ONCE, before training, over every training row the student will see; only its
-top-k logits per completion position are kept (float16 values, int16 token ids). Running the teacher
-inside the training loop ate a third of the student's steps (FIELD_NOTES). The student then trains
-with a plain PyTorch loop (AdamW, warm-up + cosine, gradient clipping at 1.0) on completion tokens:
+top-k logits per completion position are kept (float16 values; int16 token ids, int32 for
+vocabularies over 32k). Running the teacher inside the training loop ate a third of the student's
+steps (FIELD_NOTES). The student then trains with a plain PyTorch loop (AdamW, warm-up + cosine,
+gradient clipping at 1.0) on completion tokens:
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_teacher || q_student)
 

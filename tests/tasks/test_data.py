@@ -1,0 +1,240 @@
+"""The data stage on generated rows with planted noise plus small hand-written source files.
+
+One module-scoped run feeds most tests (the stage costs a few seconds, mostly the GX import); the
+error tests stop at ingest and cost milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from data_contracts import ContractViolation
+from posttrain.config import DataConfig
+from posttrain.jsonl import read_jsonl, write_jsonl
+from tasks import data
+
+ROLE_FIELDS = {"instruction": {"prompt", "response"}, "preference": {"prompt", "chosen", "rejected"}, "prompt": {"prompt", "answer"}}
+CLEAN_PROMPT = re.compile(r"^[a-z]+ [a-z0-9 ]+$")  # what skills.generate_rows writes before it plants variants
+
+
+def canonical(prompt: str, response: str) -> str:
+    """Test oracle for "the same item": the generator's variants differ only in case, spacing and punctuation."""
+    return " ".join(re.sub(r"[^\w\s]", " ", f"{prompt} {response}".lower()).split())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_benchmarks):
+    folder = tmp_path_factory.mktemp("sources")
+    items = read_jsonl(tiny_benchmarks.path / "skills.jsonl")
+    contaminated = items[:4]
+    instruction = [
+        # normalisation: full-width letters (NFKC), a tab run, a control character, padded ends
+        {"prompt": "ｃｏｐｙ\tzzqx\x07", "response": "  zzqx  ", "skill": "copy"},
+        # empty once control characters and spaces are gone
+        {"prompt": "copy qqq", "response": "\x00\t "},
+        # benchmark prompts, verbatim and with extra spaces (equal after normalisation)
+        *[{"prompt": item["prompt"], "response": item["answer"], "skill": item["skill"]} for item in contaminated[:2]],
+        *[{"prompt": "  " + item["prompt"].replace(" ", "   "), "response": item["answer"]} for item in contaminated[2:]],
+    ]
+    write_jsonl(folder / "instruction.jsonl", instruction)
+    preference = [
+        {"prompt": "upper qwe", "chosen": "QWE", "rejected": "QWE"},  # no preference signal
+        {"prompt": "upper asdf", "chosen": "ASDF", "rejected": "ASDG"},
+    ]
+    (folder / "preference.json").write_text(json.dumps(preference))
+    return {"folder": folder, "contaminated": len(contaminated)}
+
+
+def demo_sources(files) -> list[dict]:
+    noise = {"exact_duplicates": 0.03, "near_duplicates": 0.05, "empty": 0.01, "overlong": 0.01}
+    return [
+        {"role": "instruction", "generate": {"rows": 3000, "seed": 0, **noise}},
+        {"role": "instruction", "path": str(files["folder"] / "instruction.jsonl")},
+        {"role": "preference", "generate": {"rows": 600, "seed": 1, **noise}},
+        {"role": "preference", "path": str(files["folder"] / "preference.json"), "format": "json"},
+        {"role": "prompt", "generate": {"rows": 300, "seed": 2, **noise}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, tiny_base, tiny_benchmarks, files):
+    out_dir = tmp_path_factory.mktemp("data-out")
+    config = DataConfig(sources=demo_sources(files))
+    artifact = data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir)
+    rejected = read_jsonl(out_dir / "rejected.jsonl")
+    return {"artifact": artifact, "metrics": artifact.metrics, "out": out_dir, "rejected": rejected, "config": config}
+
+
+def outputs(out_dir: Path, role: str) -> list[dict]:
+    return read_jsonl(out_dir / role / "train.jsonl") + read_jsonl(out_dir / role / "eval.jsonl")
+
+
+def test_filters_remove_exactly_the_planted_rows(stage):
+    metrics = stage["metrics"]
+    # Generated: 30 + 6 + 3 empty rows, same for over-long; the instruction file adds one row that
+    # is empty after normalisation, the preference file one pair with chosen == rejected.
+    assert metrics["planted_empty"] == 39 and metrics["planted_overlong"] == 39
+    assert metrics["removed_empty"] == metrics["planted_empty"] + 1
+    assert metrics["removed_overlong"] == metrics["planted_overlong"]
+    assert metrics["removed_same_pair"] == 1
+    assert metrics["removed_too_short"] == 0
+    assert metrics["rows_in"] == 3000 + 6 + 600 + 2 + 300
+    assert metrics["rows_in"] == metrics["rows_out"] + sum(v for k, v in metrics.items() if k.startswith("removed_"))
+
+
+def test_exact_dedup_count_matches_an_independent_count(stage):
+    raw = read_jsonl(stage["out"] / "raw" / "0-instruction.jsonl")
+    kept = [row for row in raw if row["response"] and len(row["prompt"]) < 200]  # what the filters leave
+    independent = len(kept) - len({(" ".join(row["prompt"].split()), row["response"]) for row in kept})
+    by_source = Counter(entry["source"] for entry in stage["rejected"] if entry["rule"] == "exact_dup")
+    assert by_source["raw/0-instruction.jsonl"] == independent
+    assert independent >= 90  # the 3 % planted copies, plus natural repeats such as "add 12 34"
+    assert stage["metrics"]["removed_exact_dup"] >= stage["metrics"]["planted_exact_duplicates"]
+
+
+def test_near_dup_recall_on_planted_variants_and_few_false_removals(stage):
+    raw = read_jsonl(stage["out"] / "raw" / "0-instruction.jsonl")
+    survivors = Counter(canonical(row["prompt"], row["response"]) for row in outputs(stage["out"], "instruction"))
+    variants = [row for row in raw if row["response"] and not CLEAN_PROMPT.match(row["prompt"]) and len(row["prompt"]) < 200]
+    assert len(variants) >= 140  # 5 % of 3000 planted (a few collapse into exact copies of each other)
+    missed = sum(1 for row in variants if survivors[canonical(row["prompt"], row["response"])] > 1)
+    assert 1 - missed / len(variants) >= 0.9
+
+    # False removal: a distinct item (canonical group) that lost every row to near-dup.
+    groups: dict[str, set[str]] = defaultdict(set)
+    for entry in stage["rejected"]:
+        if entry["source"] == "raw/0-instruction.jsonl":
+            groups[canonical(entry["record"]["prompt"], entry["record"]["response"])].add(entry["rule"])
+    lost = [key for key, rules in groups.items() if survivors[key] == 0 and rules <= {"near_dup", "exact_dup"} and "near_dup" in rules]
+    distinct = len({canonical(row["prompt"], row["response"]) for row in raw if row["response"] and len(row["prompt"]) < 200})
+    assert len(lost) / distinct < 0.01
+    clusters = read_jsonl(stage["out"] / "near_dup_clusters.jsonl")
+    assert len(clusters) == stage["metrics"]["near_dup_clusters"]
+    assert sum(len(cluster["removed"]) for cluster in clusters) == stage["metrics"]["removed_near_dup"]
+
+
+def test_decontamination_removes_planted_benchmark_prompts(stage, files, tiny_benchmarks):
+    source = str(files["folder"] / "instruction.jsonl")
+    planted = [e for e in stage["rejected"] if e["rule"] == "decontaminated" and e["source"] == source]
+    assert sorted(e["source_row"] for e in planted) == [3, 4, 5, 6]
+    assert all(e["benchmarks"] == ["skills"] for e in planted)
+    metrics = stage["metrics"]
+    assert metrics["decontaminated_skills"] == metrics["removed_decontaminated"] >= files["contaminated"]
+    benchmark_prompts = {item["prompt"] for item in read_jsonl(tiny_benchmarks.path / "skills.jsonl")}
+    for role in ROLE_FIELDS:
+        assert not benchmark_prompts & {row["prompt"] for row in outputs(stage["out"], role)}
+
+
+def test_normalisation_reaches_the_output(stage):
+    rows = outputs(stage["out"], "instruction")
+    assert {"prompt": "copy zzqx", "response": "zzqx", "skill": "copy"} in rows
+    assert data.normalize_text("\u3000ｆｕｌｌ\twidth\r\n x\x1b ") == "full width\n x"
+
+
+def test_splits_have_role_fields_and_do_not_overlap(stage):
+    metrics, out_dir = stage["metrics"], stage["out"]
+    for role, fields in ROLE_FIELDS.items():
+        train, held_out = read_jsonl(out_dir / role / "train.jsonl"), read_jsonl(out_dir / role / "eval.jsonl")
+        assert (len(train), len(held_out)) == (metrics[f"{role}_train"], metrics[f"{role}_eval"])
+        assert len(held_out) == round((len(train) + len(held_out)) * 0.02) > 0
+        for record in train + held_out:
+            assert fields <= set(record) <= fields | {"skill"}
+        key = lambda record: tuple(record[name] for name in sorted(fields))  # noqa: E731
+        assert not {key(r) for r in train} & {key(r) for r in held_out}
+        assert len({key(r) for r in train}) == len(train)
+    assert metrics["rows_out"] == sum(metrics[f"{role}_{split}"] for role in ROLE_FIELDS for split in ("train", "eval"))
+
+
+def test_split_is_seeded_and_keeps_one_eval_row():
+    rows = list(range(10))
+    first, second = data.split_rows(rows, 0.02, seed=3), data.split_rows(rows, 0.02, seed=3)
+    assert first == second and len(first[1]) == 1 and sorted(first[0] + first[1]) == rows
+    assert data.split_rows(rows, 0.02, seed=4) != first
+    assert data.split_rows([7], 0.5, seed=0) == ([7], [])
+
+
+def test_rejected_rows_point_back_to_their_source_row(stage):
+    rejected = stage["rejected"]
+    counts = Counter(entry["rule"] for entry in rejected)
+    for rule in data.RULES:
+        assert counts[rule] == stage["metrics"][f"removed_{rule}"]
+    raw = read_jsonl(stage["out"] / "raw" / "0-instruction.jsonl")
+    for entry in rejected:
+        assert set(entry) >= {"rule", "source", "source_row", "record"}
+        if entry["source"] == "raw/0-instruction.jsonl":
+            assert raw[entry["source_row"] - 1] == entry["record"]
+        if entry["rule"] in ("exact_dup", "near_dup"):
+            assert entry["duplicate_of"]["source_row"] < entry["source_row"] or entry["duplicate_of"]["source"] != entry["source"]
+
+
+def test_metrics_contracts_and_manifest(stage):
+    metrics, out_dir = stage["metrics"], stage["out"]
+    assert all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in metrics.values())
+    assert metrics["contract_expectations_evaluated"] == 14 + 20 + 14 + 4
+    assert metrics["contract_expectations_passed"] == metrics["contract_expectations_evaluated"]
+    for suite in ("instruction_clean", "preference_clean", "prompt_clean", "instruction_tokenized"):
+        assert json.loads((out_dir / "contracts" / f"{suite}.json").read_text())["success"] is True
+    assert stage["artifact"].manifest["dedup_key"] == ["prompt", "response"]
+    assert metrics["dedup_seconds"] > 0 and metrics["rows_per_second"] > 0
+    assert not (out_dir / "manifest.json").exists()
+
+
+def test_a_broken_edge_stops_the_stage(tmp_path, tiny_base, tiny_benchmarks):
+    # Every prompt row is a benchmark prompt: the prompt split comes out empty and its contract fails.
+    items = read_jsonl(tiny_benchmarks.path / "skills.jsonl")[:3]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": i["prompt"], "answer": i["answer"]} for i in items])
+    config = DataConfig(sources=[{"role": "prompt", "path": str(tmp_path / "prompts.jsonl")}])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ContractViolation, match=r"^data contract prompt_clean: expect_table_row_count_to_be_between failed"):
+        data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "copy abc"}', "row 2: missing key 'response' (role instruction)"),
+        ('{"prompt": "copy abc", "response": 3}', "row 2: key 'response' must be a string, got int (role instruction)"),
+        ('{"prompt": "copy abc", "response": null}', "row 2: key 'response' must be a string, got null (role instruction)"),
+        ('["copy abc"]', "row 2: expected a JSON object, got list (role instruction)"),
+        ('{"prompt": "copy abc", ', "row 2: invalid JSON"),
+    ],
+)
+def test_bad_source_row_is_one_line_naming_file_row_key(tmp_path, tiny_base, tiny_benchmarks, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "copy x", "response": "x"}\n' + line + "\n")
+    config = DataConfig(sources=[{"role": "instruction", "path": str(path)}])
+    with pytest.raises(ValueError) as error:
+        data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, tmp_path)
+    assert str(error.value).startswith(f"{path} {message}")
+    assert "\n" not in str(error.value)
+
+
+def test_bad_source_file_and_bad_dedup_key(tmp_path, tiny_base, tiny_benchmarks):
+    (tmp_path / "pairs.json").write_text('{"prompt": "x"}')
+    with pytest.raises(ValueError, match=r"pairs.json: expected a JSON array of records, got dict$"):
+        data.ingest(DataConfig(sources=[{"role": "preference", "path": str(tmp_path / "pairs.json"), "format": "json"}]).sources, tmp_path)
+    with pytest.raises(ValueError, match=r"missing.jsonl: source file not found"):
+        data.ingest(DataConfig(sources=[{"role": "prompt", "path": str(tmp_path / "missing.jsonl")}]).sources, tmp_path)
+    config = DataConfig(sources=[{"role": "instruction", "generate": {"rows": 10}}], dedup_key=["prompt", "rejected"])
+    with pytest.raises(ValueError, match=r"^data.dedup_key: 'rejected' is not a field of instruction rows"):
+        data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, tmp_path)
+
+
+def test_same_config_gives_byte_identical_output(tmp_path, tiny_base, tiny_benchmarks):
+    from posttrain.artifacts import digest_dir
+
+    config = DataConfig(sources=[{"role": "instruction", "generate": {"rows": 300, "seed": 5}}])
+    digests = []
+    for attempt in ("first", "second"):
+        out_dir = tmp_path / attempt
+        out_dir.mkdir()
+        artifact = data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir)
+        digests.append(digest_dir(out_dir))
+    assert digests[0] == digests[1]  # contract results included: their load timestamp is dropped
+    assert artifact.manifest["contracts"]["instruction_clean"]["passed"] == 14
