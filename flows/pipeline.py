@@ -84,7 +84,7 @@ class PipelineRun:
             "mlflow_parent_run_id": tracking.parent_run_id,
             "stages": {},
         }
-        write_json_atomic(self.record_path, self.record)
+        write_json_atomic(self.record_path, self.record, sort_keys=False)
 
     def stage(self, stage: str, module, section, inputs: dict[str, str], launcher=None, extra_files=(), datasets=(), log_model=False) -> Artifact:
         """Run one stage; `inputs` maps input names to the stages that produced them."""
@@ -93,7 +93,7 @@ class PipelineRun:
         in_store = self.store.lookup(stage, key) is not None
         console.print(f"[bold]▶ {stage}[/] [dim]{key}[/]")
         self.record["stages"][stage] = {"state": "running", "fingerprint": key}
-        write_json_atomic(self.record_path, self.record)
+        write_json_atomic(self.record_path, self.record, sort_keys=False)
         started = time.perf_counter()
         try:
             result = stage_task.with_options(name=stage, task_run_name=stage, refresh_cache=not in_store)(
@@ -111,7 +111,7 @@ class PipelineRun:
         except BaseException as exc:
             self.record["stages"][stage] = {"state": "failed", "fingerprint": key, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
             self.record["status"] = "failed"
-            write_json_atomic(self.record_path, self.record)
+            write_json_atomic(self.record_path, self.record, sort_keys=False)
             raise
         artifact = Artifact.load(Path(result["path"]))
         cache_hit = result["store_hit"] or result["built_by_flow_run"] != self.flow_run_id
@@ -130,7 +130,7 @@ class PipelineRun:
             "mlflow_run_id": child_run,
             "metrics": artifact.metrics,
         }
-        write_json_atomic(self.record_path, self.record)
+        write_json_atomic(self.record_path, self.record, sort_keys=False)
         label = "[green]cached[/]" if cache_hit else f"[green]built[/] in {artifact.manifest.get('seconds', 0):.1f}s"
         console.print(f"  {label}")
         return artifact
@@ -138,7 +138,7 @@ class PipelineRun:
     def finish(self, status: str) -> None:
         self.record["status"] = status
         self.record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_json_atomic(self.record_path, self.record)
+        write_json_atomic(self.record_path, self.record, sort_keys=False)
 
 
 def _with_seed(section, seed: int):

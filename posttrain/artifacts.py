@@ -70,11 +70,11 @@ def digest_dir(folder: Path) -> str:
     return sha.hexdigest()
 
 
-def write_json_atomic(path: Path, payload) -> None:
+def write_json_atomic(path: Path, payload, sort_keys: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str))
     os.replace(temporary, path)
 
 

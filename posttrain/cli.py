@@ -25,8 +25,8 @@ from rich.table import Table
 from posttrain.config import ConfigError, load_config
 from posttrain.env import configure_environment
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # The figures shown per stage in the summary and in `status` (all metrics are in the manifest/MLflow).
 KEY_METRICS = {

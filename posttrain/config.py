@@ -173,18 +173,26 @@ class SftConfig(Section):
 class RewardConfig(Section):
     seed: int | None = Field(None, description="null: the pipeline's top-level seed")
     init_from: Literal["sft", "base"] = "sft"
-    max_steps: int = Field(200, ge=1)
-    batch_size: int = Field(32, ge=1)
+    # Demo defaults, measured on 1 CPU thread from a 0.1M SFT model: ~44 s (~55k tokens/s); held-out pairwise
+    # accuracy ~0.45-0.52 -> 0.63 on 3.7k train pairs, 0.67-0.76 on 5.7k.
+    max_steps: int = Field(800, ge=1)
+    batch_size: int = Field(64, ge=1, description="preference pairs per step (2x sequences)")
     lr: float = Field(1e-3, gt=0)
-    max_length: int = Field(96, ge=8)
+    max_length: int = Field(96, ge=8, description="pairs longer than this (tokens) are dropped, not truncated")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
 
 
 class DpoConfig(Section):
     seed: int | None = Field(None, description="null: the pipeline's top-level seed")
+    # Demo defaults, measured on 1 CPU thread from a 0.1M SFT model: ~0.075 s/step, ~42 s. Plain DPO
+    # (sft_weight 0) with them cut a 95 %-skilled SFT model to 49 % and a 22 % one to 10 % (greedy exact
+    # match); with the NLL term: 92 % and 27 %.
     beta: float = Field(0.1, gt=0)
-    max_steps: int = Field(150, ge=1)
-    batch_size: int = Field(32, ge=1)
+    sft_weight: float = Field(
+        1.0, ge=0, description="weight of an NLL loss on the chosen answer added to DPO (RPO); 0 = plain DPO"
+    )
+    max_steps: int = Field(500, ge=1)
+    batch_size: int = Field(64, ge=1, description="preference pairs per step")
     lr: float = Field(2e-4, gt=0)
     max_length: int = Field(96, ge=8)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)

@@ -18,6 +18,7 @@ QUIET_OFFLINE_DEFAULTS = {
     # A fresh Prefect home migrates its database on first start; the default 20 s is too short on 2 cores.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     # Progress bars of datasets/transformers would interleave with our own progress lines.
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

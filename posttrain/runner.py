@@ -7,7 +7,8 @@ This is the whole caching contract, with no Prefect or MLflow in it, so the CLI,
 tests share one definition of "a cache hit": the stored manifest exists for this fingerprint. A
 stage runs either in this process or as `python -m tasks.<stage>` (optionally behind a launcher
 such as `accelerate launch`); either way it writes into a staging folder that is published only
-after it returns, so a crash never leaves a folder that looks finished.
+after it returns, so a crash never leaves a folder that looks finished. A failed stage's staging
+folder is left in place (`store/<stage>/.tmp-*`) so its diagnostics can be read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -109,7 +109,8 @@ def execute_stage(
             set_threads(threads)
             draft = module.run(section, inputs, staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # the staging folder never counts; finished stages are untouched
+        # The staging folder stays for diagnosis (contract results, rejected rows, partial logs);
+        # without a manifest and under a .tmp- name it never counts as an artifact.
         raise
     seconds = time.perf_counter() - started
     manifest_fields = {

@@ -39,6 +39,9 @@ def trainer_defaults(out_dir: Path, seed: int) -> dict:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "include_num_input_tokens_seen": "non_padding",
+        # TRL turns this on by default; for small models it only costs time (recomputes activations).
+        "gradient_checkpointing": False,
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
 
 

@@ -24,7 +24,7 @@ from posttrain.config import RewardConfig
 from posttrain.formatting import preference_example
 from posttrain.jsonl import read_jsonl
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
-from posttrain.training import ProgressCallback, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger than the train batch
@@ -68,7 +68,8 @@ def score_texts(model, tokenizer, texts: list[str], max_length: int) -> torch.Te
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores.append(logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores)
 
@@ -79,7 +80,10 @@ def pairwise_metrics(model, tokenizer, rows: list[dict], max_length: int, prefix
     chosen = score_texts(model, tokenizer, list(chosen_texts), max_length)
     rejected = score_texts(model, tokenizer, list(rejected_texts), max_length)
     wins = (chosen > rejected).float()
-    metrics = {f"{prefix}accuracy": round(wins.mean().item(), 4), f"{prefix}margin": round((chosen - rejected).mean().item(), 4)}
+    metrics = {
+        f"{prefix}accuracy": round(wins.mean().item(), 4),
+        f"{prefix}margin": round((chosen - rejected).mean().item(), 4),
+    }
     skills = sorted({row["skill"] for row in rows if isinstance(row.get("skill"), str)})
     for skill in skills:
         mask = torch.tensor([row.get("skill") == skill for row in rows])
@@ -129,13 +133,12 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         lr_scheduler_type="cosine",
         warmup_steps=min(30, config.max_steps // 10),
         max_length=config.max_length,
-        # TRL turns this on by default; for a small model it only costs time (recomputes activations).
-        gradient_checkpointing=False,
     )
     progress = ProgressCallback("reward")
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[progress]
     )
+    quiet(trainer)
     kept = len(trainer.train_dataset)
     if kept == 0:
         raise ValueError(f"every preference pair is longer than reward.max_length={config.max_length} tokens")

@@ -29,7 +29,7 @@ from posttrain.config import DpoConfig
 from posttrain.formatting import IGNORE_INDEX, encode_example, pad_batch, preference_example
 from posttrain.jsonl import read_jsonl
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
-from posttrain.training import ProgressCallback, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SCORE_BATCH = 64  # sequences per forward when scoring; inference only
@@ -59,15 +59,17 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
     device = next(model.parameters()).device
     sums = []
     for start in range(0, len(prompts), SCORE_BATCH):
+        chunk = slice(start, start + SCORE_BATCH)
         examples = [
             encode_example(tokenizer, prompt, completion, max_length)
-            for prompt, completion in zip(prompts[start : start + SCORE_BATCH], completions[start : start + SCORE_BATCH])
+            for prompt, completion in zip(prompts[chunk], completions[chunk])
         ]
         batch = {key: value.to(device) for key, value in pad_batch(examples, tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]  # token t is predicted from position t-1
         mask = labels != IGNORE_INDEX
-        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_logps = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         sums.append((token_logps * mask).sum(dim=1).cpu())
     model.train(was_training)
     return torch.cat(sums)
@@ -123,12 +125,17 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     set_seed(seed)
     # fp32 weights: on a GPU the trainer's bf16 autocast still gives the speed; optimizer state stays exact.
     policy = load_causal_lm(sft_dir, dtype="float32")
-    # The reference is loaded explicitly from the same folder. Left to itself, DPOTrainer rebuilds it from
-    # config._name_or_path, which fails for a model built from a config (FIELD_NOTES).
-    reference = load_causal_lm(sft_dir, dtype="float32")
-    reference.requires_grad_(False)
 
-    eval_reference = pair_logps(reference, tokenizer, eval_rows, config.max_length)
+    # The reference is the SFT model, frozen. When training visits every pair at least once, scoring each
+    # pair once up front (TRL's precompute, with the untouched policy) is cheaper than a reference forward
+    # per step (measured: 0.038 vs 0.055 s/step at batch 32) and needs no second model in memory.
+    # Otherwise the reference is loaded explicitly from the same folder: left to itself, DPOTrainer
+    # rebuilds it from config._name_or_path, which fails for a model built from a config (FIELD_NOTES).
+    precompute = config.max_steps * config.batch_size >= len(train_rows)
+    reference = None if precompute else load_causal_lm(sft_dir, dtype="float32").requires_grad_(False)
+
+    # Before any step the policy *is* the reference: its log-probs are the reference's on the eval pairs.
+    eval_reference = pair_logps(policy, tokenizer, eval_rows, config.max_length)
     before = held_out_metrics(eval_reference, eval_reference, config.beta, prefix="eval_before_")
 
     train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
@@ -143,10 +150,13 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         lr_scheduler_type="cosine",
         warmup_steps=min(10, config.max_steps // 10),
         beta=config.beta,
-        **__import__('json').loads(__import__('os').environ.get('DPO_EXTRA','{}')),
+        # RPO: DPO alone lowers the likelihood of the chosen answers too and, on the demo, erased skills
+        # SFT had taught; TRL's "sft" loss adds the chosen answers' NLL with this weight.
+        loss_type=["sigmoid", "sft"] if config.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, config.sft_weight] if config.sft_weight > 0 else None,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=max(SCORE_BATCH, config.batch_size),
         max_length=config.max_length,
-        # TRL turns this on by default; for a small model it only costs time (recomputes activations).
-        gradient_checkpointing=False,
     )
     progress = ProgressCallback("dpo")
     trainer = DPOTrainer(
@@ -157,6 +167,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         processing_class=tokenizer,
         callbacks=[progress],
     )
+    quiet(trainer)
     trainer.train()
 
     eval_policy = pair_logps(trainer.model, tokenizer, eval_rows, config.max_length)
@@ -168,6 +179,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     summary = progress.summary()
     metrics = {
         **summary,
+        "reference_precomputed": int(precompute),
         "seconds_per_step": round(summary["train_seconds"] / max(summary["train_steps"], 1), 4),
         **before,  # implicit reward before training: 0.5 accuracy, 0 margin by construction (the chance line)
         **after,

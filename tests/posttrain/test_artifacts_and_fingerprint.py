@@ -106,6 +106,11 @@ def test_failed_stage_leaves_no_artifact_and_keeps_finished_ones(tmp_path):
     module.run = boom
     with pytest.raises(ValueError, match="bad row"):
         execute_stage("count", module, {"k": 9}, {}, store, seed=0)
-    leftovers = [p.name for p in (tmp_path / "root" / "store" / "count").iterdir()]
-    assert leftovers == [finished.artifact.path.name]
+    leftovers = sorted(p.name for p in (tmp_path / "root" / "store" / "count").iterdir())
+    # The finished artifact is untouched; the failed attempt stays as a staging folder for diagnosis
+    # (its partial file is there) but has no manifest, so it never counts.
+    assert leftovers[1] == finished.artifact.path.name
+    assert leftovers[0].startswith(".tmp-")
+    assert (tmp_path / "root" / "store" / "count" / leftovers[0] / "partial.bin").is_file()
+    assert not (tmp_path / "root" / "store" / "count" / leftovers[0] / "manifest.json").exists()
     assert store.lookup("count", finished.artifact.fingerprint) is not None

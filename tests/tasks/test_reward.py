@@ -1,0 +1,75 @@
+"""Reward stage: the model learns to rank held-out correct answers above wrong ones, and saves a loadable folder."""
+
+import math
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import tasks.reward
+from posttrain import skills
+from posttrain.artifacts import Artifact
+from posttrain.config import RewardConfig
+from posttrain.jsonl import read_jsonl, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def max_skill_data(tmp_path_factory) -> Artifact:
+    """Only the `max` skill: a ranking a 0.1M model learns from scratch in a few seconds (measured 0.91-0.96)."""
+    folder = tmp_path_factory.mktemp("max-data")
+    records, _ = skills.generate_rows("preference", rows=1100, seed=5, skills=["max"])
+    write_jsonl(folder / "preference" / "eval.jsonl", records[:100])
+    write_jsonl(folder / "preference" / "train.jsonl", records[100:])
+    return Artifact(folder, {"digest": "max-data", "metrics": {}})
+
+
+def test_reward_model_ranks_heldout_pairs_and_saves_what_it_measured(tiny_base, max_skill_data, tmp_path):
+    config = RewardConfig(max_steps=150, batch_size=32, lr=1e-3, seed=0)
+    metrics = tasks.reward.run(config, {"init": tiny_base, "data": max_skill_data}, tmp_path).metrics
+
+    # An untrained score head is a coin flip; after training the held-out ranking is mostly right.
+    assert 0.3 <= metrics["eval_before_accuracy"] <= 0.7
+    assert metrics["eval_accuracy"] >= 0.8
+    assert metrics["eval_accuracy_gain"] >= 0.2
+    assert metrics["eval_margin"] > metrics["eval_before_margin"] + 0.5
+    assert metrics["eval_pairs"] == 100 and metrics["train_pairs"] == 1000
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    # The saved folder is the model that was measured: rescoring it reproduces the reported accuracy.
+    eval_rows = read_jsonl(max_skill_data.path / "preference" / "eval.jsonl")
+    rescored = tasks.reward.pairwise_metrics(model, tokenizer, eval_rows, config.max_length, prefix="")
+    assert rescored["accuracy"] == metrics["eval_accuracy"]
+
+
+def test_reward_on_mixed_skills_reports_numeric_metrics(tiny_base, tiny_data, tmp_path):
+    config = RewardConfig(max_steps=10, batch_size=8, seed=0)
+    metrics = tasks.reward.run(config, {"init": tiny_base, "data": tiny_data}, tmp_path).metrics
+
+    assert metrics["train_steps"] == 10
+    assert metrics["tokens_per_second"] > 0
+    for key in ("eval_accuracy", "eval_before_accuracy", "eval_margin", "train_accuracy", "train_margin",
+                "final_train_loss"):
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), key
+    # Per-skill accuracies come from the rows' `skill` field: all six skills are in the fixture.
+    per_skill = [key for key in metrics if key.startswith("eval_accuracy_") and key != "eval_accuracy_gain"]
+    assert len(per_skill) == len(skills.SKILLS)
+    assert all(isinstance(value, (int, float)) for value in metrics.values())
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "loss_history.json").is_file()
+    assert not (tmp_path / "_trainer").exists()
+
+
+def test_reward_rejects_bad_rows_with_one_line_error(tiny_base, tmp_path):
+    data = tmp_path / "data"
+    good = {"prompt": "copy ab", "chosen": "ab", "rejected": "ac"}
+    write_jsonl(data / "preference" / "train.jsonl", [good, {"prompt": "copy x", "chosen": "x"}])
+    write_jsonl(data / "preference" / "eval.jsonl", [good])
+    inputs = {"init": tiny_base, "data": Artifact(data, {})}
+    with pytest.raises(ValueError, match=r"train\.jsonl row 2: key 'rejected'"):
+        tasks.reward.run(RewardConfig(max_steps=1), inputs, tmp_path / "out")
+
+    write_jsonl(data / "preference" / "train.jsonl", [good])
+    (data / "preference" / "eval.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"eval\.jsonl: preference split not found"):
+        tasks.reward.run(RewardConfig(max_steps=1), inputs, tmp_path / "out")
