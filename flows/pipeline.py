@@ -191,4 +191,5 @@ def _wire(run: PipelineRun, cfg: PipelineConfig) -> None:
     quantize_source = "distill" if cfg.quantize.source == "student" else cfg.quantize.source
     run.stage("quantize", tasks.quantize, _with_seed(cfg.quantize, cfg.seed), {"source": quantize_source, "data": "data"}, log_model=True)
     models = {"base": "base", "sft": "sft", **{name: name for name in aligned}, "student": "distill", "quantize": "quantize"}
-    run.stage("evaluate", tasks.evaluate, cfg.evaluate, {"benchmarks": "benchmarks", **models})
+    benchmark_files = [(f"{name}-benchmark", run.artifacts["benchmarks"].path / f"{name}.jsonl", "evaluation") for name in cfg.benchmarks]
+    run.stage("evaluate", tasks.evaluate, cfg.evaluate, {"benchmarks": "benchmarks", **models}, datasets=benchmark_files)

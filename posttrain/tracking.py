@@ -146,6 +146,9 @@ class PipelineTracking:
             for extra in ("results.md", "results.json", "rejected.jsonl"):
                 if (artifact.path / extra).is_file():
                     mlflow.log_artifact(str(artifact.path / extra))
+            for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
+                if (artifact.path / folder).is_dir():
+                    mlflow.log_artifacts(str(artifact.path / folder), artifact_path=folder)
             if log_model and self.config.log_models and not outcome.cache_hit:
                 mlflow.log_artifacts(str(artifact.path), artifact_path="model")
         self.child_runs[stage] = child.info.run_id

@@ -2,7 +2,6 @@
 
 import json
 
-import torch
 
 import tasks.base
 import tasks.benchmarks
