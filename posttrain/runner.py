@@ -65,7 +65,7 @@ def _run_subprocess(
     config_file = staging.parent / f"{staging.name}.config.json"
     inputs_file = staging.parent / f"{staging.name}.inputs.json"
     config_file.write_text(json.dumps(section.model_dump(mode="json")))
-    inputs_file.write_text(json.dumps({name: str(artifact.path) for name, artifact in inputs.items()}))
+    inputs_file.write_text(json.dumps({name: {"path": str(a.path), "manifest": a.manifest} for name, a in inputs.items()}, default=str))
     command = [*launcher.command, "-m", module.__name__, "--config", str(config_file), "--inputs", str(inputs_file), "--out", str(staging)]
     if command[0] == "python":
         command[0] = sys.executable

@@ -4,7 +4,7 @@
     accelerate launch -m tasks.sft --config ...        # the same, on several GPUs
 
 `--config` is the stage's section as JSON, `--inputs` maps input names to published artifact
-folders. The stage writes into `--out`; its draft manifest goes to `--out/_draft.json` for the
+folders (or to {"path", "manifest"} objects, as posttrain.runner passes them). The stage writes into `--out`; its draft manifest goes to `--out/_draft.json` for the
 parent process (posttrain.runner) to publish. Only the main process (rank 0) writes the draft.
 """
 
@@ -19,6 +19,13 @@ from pathlib import Path
 from posttrain.artifacts import Artifact
 
 
+def _input_artifact(spec) -> Artifact:
+    """An input is a published folder path, or {"path", "manifest"} as posttrain.runner writes it."""
+    if isinstance(spec, str):
+        return Artifact.load(Path(spec))
+    return Artifact(Path(spec["path"]), spec["manifest"])
+
+
 def main(run, section_class) -> None:
     parser = argparse.ArgumentParser(description="Run one posttrain stage in its own process.")
     parser.add_argument("--config", required=True, type=Path)
@@ -30,7 +37,7 @@ def main(run, section_class) -> None:
 
     torch.set_num_threads(int(os.environ.get("POSTTRAIN_THREADS", "1")))
     section = section_class.model_validate(json.loads(args.config.read_text()))
-    inputs = {name: Artifact.load(Path(path)) for name, path in json.loads(args.inputs.read_text()).items()}
+    inputs = {name: _input_artifact(spec) for name, spec in json.loads(args.inputs.read_text()).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     draft = run(section, inputs, args.out)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -110,6 +110,20 @@ def test_reward_change_leaves_dpo_cached(first_run, root):
     assert states["evaluate"] == "cached"  # evaluate scores generative models; the reward model is not one of them
 
 
+def test_deleted_artifact_is_rebuilt_despite_prefect_cache(first_run, root):
+    """A Prefect cache hit counts only while the stored manifest exists; an identical rebuild
+    (same bytes, same digest) leaves everything downstream cached."""
+    import shutil
+
+    shutil.rmtree(root / first_run["stages"]["distill"]["path"])
+    result = posttrain(root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = {stage: info["state"] for stage, info in record(root)["stages"].items()}
+    assert states.pop("distill") == "built"
+    assert set(states.values()) == {"cached"}
+    assert (root / first_run["stages"]["distill"]["path"] / "manifest.json").is_file()
+
+
 def test_status_shows_the_run(first_run, root):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "posttrain.cli", "status", "--root", str(root)], cwd=REPO, env=env, capture_output=True, text=True)
