@@ -27,3 +27,23 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def read_preference_pairs(path: str | Path) -> list[dict]:
+    """Preference rows from one split, checked: every row needs non-empty prompt/chosen/rejected strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: preference split not found (is `data` a data-stage artifact?)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no preference rows")
+    for number, row in enumerate(rows, start=1):
+        for key in PAIR_FIELDS:
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ValueError(f"{path} row {number}: key {key!r} must be a non-empty string")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"{path} row {number}: chosen and rejected are identical")
+    return rows

@@ -129,6 +129,14 @@ def quiet(trainer) -> None:
     trainer.remove_callback(TqdmCallback)
 
 
+def last_logged(log_history: list[dict], key: str) -> float | None:
+    """The trainer's most recent value of a logged metric (TRL averages them over each logging window)."""
+    for entry in reversed(log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
 def write_loss_history(out_dir: Path, history: list[tuple[int, float]]) -> None:
     """Per-step losses go in a file (and from there to MLflow as a metric series)."""
     (Path(out_dir) / "loss_history.json").write_text(json.dumps([{"step": s, "loss": l} for s, l in history]))

@@ -22,28 +22,11 @@ import torch
 from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
 from posttrain.formatting import preference_example
-from posttrain.jsonl import read_jsonl
+from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
-from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger than the train batch
-
-
-def read_pairs(path: Path) -> list[dict]:
-    """Preference rows from one split, checked: every row needs non-empty prompt/chosen/rejected strings."""
-    if not path.is_file():
-        raise ValueError(f"{path}: preference split not found (is `data` a data-stage artifact?)")
-    rows = read_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path}: no preference rows")
-    for number, row in enumerate(rows, start=1):
-        for key in PAIR_FIELDS:
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise ValueError(f"{path} row {number}: key {key!r} must be a non-empty string")
-        if row["chosen"] == row["rejected"]:
-            raise ValueError(f"{path} row {number}: chosen and rejected are identical")
-    return rows
 
 
 def pair_texts(row: dict, eos_token: str) -> tuple[str, str]:
@@ -91,14 +74,6 @@ def pairwise_metrics(model, tokenizer, rows: list[dict], max_length: int, prefix
     return metrics
 
 
-def last_logged(log_history: list[dict], key: str) -> float | None:
-    """The trainer's most recent value of a logged metric (TRL averages them over each logging window)."""
-    for entry in reversed(log_history):
-        if key in entry:
-            return float(entry[key])
-    return None
-
-
 def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     from datasets import Dataset
     from transformers import set_seed
@@ -108,8 +83,8 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     out_dir = Path(out_dir)
     seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
     data_dir = Path(inputs["data"].path)
-    train_rows = read_pairs(data_dir / "preference" / "train.jsonl")
-    eval_rows = read_pairs(data_dir / "preference" / "eval.jsonl")
+    train_rows = read_preference_pairs(data_dir / "preference" / "train.jsonl")
+    eval_rows = read_preference_pairs(data_dir / "preference" / "eval.jsonl")
 
     init_dir = Path(inputs["init"].path)
     tokenizer = load_tokenizer(init_dir)

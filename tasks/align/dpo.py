@@ -27,28 +27,11 @@ import torch
 from posttrain.artifacts import Artifact
 from posttrain.config import DpoConfig
 from posttrain.formatting import IGNORE_INDEX, encode_example, pad_batch, preference_example
-from posttrain.jsonl import read_jsonl
+from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
-from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SCORE_BATCH = 64  # sequences per forward when scoring; inference only
-
-
-def read_pairs(path: Path) -> list[dict]:
-    """Preference rows from one split, checked: every row needs non-empty prompt/chosen/rejected strings."""
-    if not path.is_file():
-        raise ValueError(f"{path}: preference split not found (is `data` a data-stage artifact?)")
-    rows = read_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path}: no preference rows")
-    for number, row in enumerate(rows, start=1):
-        for key in PAIR_FIELDS:
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise ValueError(f"{path} row {number}: key {key!r} must be a non-empty string")
-        if row["chosen"] == row["rejected"]:
-            raise ValueError(f"{path} row {number}: chosen and rejected are identical")
-    return rows
 
 
 @torch.no_grad()
@@ -101,14 +84,6 @@ def held_out_metrics(reference: tuple, policy: tuple, beta: float, prefix: str) 
     }
 
 
-def last_logged(log_history: list[dict], key: str) -> float | None:
-    """The trainer's most recent value of a logged metric (TRL averages them over each logging window)."""
-    for entry in reversed(log_history):
-        if key in entry:
-            return float(entry[key])
-    return None
-
-
 def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     from datasets import Dataset
     from transformers import set_seed
@@ -117,8 +92,8 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     out_dir = Path(out_dir)
     seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
     data_dir = Path(inputs["data"].path)
-    train_rows = read_pairs(data_dir / "preference" / "train.jsonl")
-    eval_rows = read_pairs(data_dir / "preference" / "eval.jsonl")
+    train_rows = read_preference_pairs(data_dir / "preference" / "train.jsonl")
+    eval_rows = read_preference_pairs(data_dir / "preference" / "eval.jsonl")
 
     sft_dir = Path(inputs["sft"].path)
     tokenizer = load_tokenizer(sft_dir)
