@@ -1,16 +1,43 @@
 """Data contracts: Great Expectations suites, one JSON file per edge of the pipeline.
 
-    instruction_clean.json      data -> sft/reward/distill   <data>/instruction/{train,eval}.jsonl
-    preference_clean.json       data -> reward/align[dpo]    <data>/preference/{train,eval}.jsonl
-    prompt_clean.json           data -> align[grpo|ppo]      <data>/prompt/{train,eval}.jsonl
-    instruction_tokenized.json  data -> sft                  instruction rows as the trainer encodes them
+    instruction_clean.json   data (raw -> clean) -> sft, distill   <data>/instruction/{train,eval}.jsonl
+    preference_clean.json    data (raw -> clean) -> reward, dpo    <data>/preference/{train,eval}.jsonl
+    prompt_clean.json        data (raw -> clean) -> grpo/ppo       <data>/prompt/{train,eval}.jsonl
+    sft_tokenized.json       data -> sft       instruction rows as encode_example cuts them at sft.max_length
+    distill_tokenized.json   data -> distill   the same at distill.max_length
+    reward_tokenized.json    data -> reward    pairs at reward.max_length (longer pairs are dropped)
+    dpo_tokenized.json       data -> dpo       pairs at align.dpo.max_length (longer pairs are truncated)
 
-`frames` turns records into the frame a suite expects (computed columns included); `check.validate`
-runs the suite and raises `ContractViolation` on a failed critical expectation. Suites are data: to
-tighten a contract, edit its JSON (every expectation needs `meta.severity`: critical | warning).
+`frames` turns records (or token counts) into the frame a suite expects; `check.ContractRun` runs
+suites and builds Data Docs; `check.validate` runs one suite and raises `ContractViolation` on a
+failed critical expectation. Suites are data: to tighten a contract, edit its JSON (every
+expectation needs `meta.severity`: critical | warning).
 """
 
-from data_contracts.check import ContractViolation, load_suite, suite_names, validate
-from data_contracts.frames import clean_frame, tokenized_frame
+from data_contracts.check import (
+    ContractRun,
+    ContractViolation,
+    load_suite,
+    suite_names,
+    validate,
+)
+from data_contracts.frames import (
+    CleanFrameBuilder,
+    clean_frame,
+    preference_frame,
+    sft_frame,
+    tokenized_frame,
+)
 
-__all__ = ["ContractViolation", "clean_frame", "load_suite", "suite_names", "tokenized_frame", "validate"]
+__all__ = [
+    "CleanFrameBuilder",
+    "ContractRun",
+    "ContractViolation",
+    "clean_frame",
+    "load_suite",
+    "preference_frame",
+    "sft_frame",
+    "suite_names",
+    "tokenized_frame",
+    "validate",
+]

@@ -15,10 +15,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 SUITES_DIR = Path(__file__).resolve().parent
 SEVERITIES = ("critical", "warning")
+DOCS_SITE = "data_docs"
+UNUSED_DOCS_IMAGES = ("glossary_scroller.gif", "validation_failed_unexpected_values.gif", "iterative-dev-loop.png")
+_DOCS_BUILD_STAMP = re.compile(r"\?d=\d{8}T\d{6}\.\d+Z")
+_TIMESTAMP = re.compile(r"\d{8}T\d{6}\.\d+Z")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+FIXED_RUN_TIME = "20000101T000000.000000Z"
+
+
+def reproducible(text: str) -> str:
+    """GX output without what changes between identical runs: build and load timestamps, and
+    random UUIDs (expectation ids, HTML element ids) — each replaced by a counter in order of first
+    appearance, so an id and its references still match."""
+    text = _TIMESTAMP.sub(FIXED_RUN_TIME, _DOCS_BUILD_STAMP.sub("", text))
+    numbers: dict[str, str] = {}
+    return _UUID.sub(lambda match: numbers.setdefault(match.group(0), f"00000000-0000-0000-0000-{len(numbers):012x}"), text)
 
 
 class ContractViolation(ValueError):
@@ -69,7 +85,9 @@ def _build_suite(gx, spec: dict, path: Path):
     GX's own `ExpectationSuite(expectations=[dict, ...])` logs an invalid expectation and silently
     drops it — a typo would turn a contract off. Building each one ourselves raises instead.
     """
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     expectations = []
     for position, item in enumerate(spec["expectations"]):
@@ -105,66 +123,126 @@ def _describe_failure(label: str, outcome: dict) -> str:
     return f"{label} failed"
 
 
-def validate(frame, suite_name: str, out_dir: Path) -> dict:
-    """Validate `frame` against `data_contracts/<suite_name>.json`; return a summary dict.
+class ContractRun:
+    """Several suites validated in one GX context, with an optional Data Docs site.
 
-    Summary: {"suite", "rows", "evaluated", "passed", "failed": {label: {"severity", "unexpected",
-    "rows", "observed", "error"}}, "critical_failed", "warnings_failed", "results_path"}.
-    Raises ContractViolation naming the first failed critical expectation (in suite order).
+        contracts = ContractRun(out_dir, docs_dir=out_dir / "data_docs")
+        summary = contracts.validate(frame, "sft_tokenized")     # never raises on a failed expectation
+        contracts.build_docs()                                  # data_docs/index.html, offline
+        contracts.raise_first_violation()                       # then stop the flow, if any failed
+
+    Validation results go to `<out_dir>/contracts/<suite>.json` either way. Data Docs are built
+    from the results of this run only (the context is ephemeral) and carry no timestamp, so the
+    same data gives the same HTML. The pages load their CSS/JS from public CDNs: offline they
+    render unstyled but complete.
     """
-    spec = load_suite(suite_name)
-    path = SUITES_DIR / f"{suite_name}.json"
-    gx = _import_gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    suite = _build_suite(gx, spec, path)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars per suite flood the logs
-    batch_definition = (
-        context.data_sources.add_pandas(suite_name)
-        .add_dataframe_asset(name="frame")
-        .add_batch_definition_whole_dataframe("whole_frame")
-    )
-    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
-    result = batch.validate(suite, result_format="SUMMARY")
+    def __init__(self, out_dir: Path, docs_dir: Path | None = None):
+        self.out_dir, self.docs_dir = Path(out_dir), Path(docs_dir) if docs_dir else None
+        self.gx = _import_gx()
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    results_path = Path(out_dir) / "contracts" / f"{suite_name}.json"
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    written = result.to_json_dict()
-    # The load timestamp is the only part that changes between identical runs; without it the
-    # results file (and so the data artifact's digest) is reproducible.
-    written.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
-    results_path.write_text(json.dumps(written, indent=2, sort_keys=True, default=str))
+        self.context = self.gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars per suite flood the logs
+        if self.docs_dir is not None:
+            site = {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir)},
+            }
+            self.context.add_data_docs_site(site_name=DOCS_SITE, site_config=site)
+        self.summaries: list[dict] = []
 
-    # GX returns results in its own order; sort back to the suite's so "first failure" is stable.
-    ordered = sorted(result.results, key=lambda item: item.expectation_config.meta["position"])
-    failed: dict[str, dict] = {}
-    for item in ordered:
-        if item.success:
-            continue
-        config = item.expectation_config
-        label = expectation_label(config.type, {k: v for k, v in config.kwargs.items() if k != "batch_id"})
-        if label in failed:
-            label = f"{label}#{config.meta['position']}"
-        failed[label] = {
-            "severity": config.meta["severity"],
-            "unexpected": item.result.get("unexpected_count"),
-            "rows": item.result.get("element_count"),
-            "observed": item.result.get("observed_value"),
-            "error": _exception_message(item.exception_info or {}),
+    def validate(self, frame, suite_name: str) -> dict:
+        """Validate `frame` against `data_contracts/<suite_name>.json`; return a summary dict.
+
+        Summary: {"suite", "rows", "evaluated", "passed", "failed": {label: {"severity",
+        "unexpected", "rows", "observed", "error"}}, "critical_failed", "warnings_failed",
+        "results_path", "violation"} — `violation` is the one-line message of the first failed
+        critical expectation (in suite order), or None.
+        """
+        import datetime
+
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        spec = load_suite(suite_name)
+        suite = self.context.suites.add(_build_suite(self.gx, spec, SUITES_DIR / f"{suite_name}.json"))
+        batch_definition = (
+            self.context.data_sources.add_pandas(suite_name)
+            .add_dataframe_asset(name="frame")
+            .add_batch_definition_whole_dataframe("whole_frame")
+        )
+        definition = self.context.validation_definitions.add(
+            self.gx.ValidationDefinition(data=batch_definition, suite=suite, name=suite_name)
+        )
+        # A fixed run time: the results file and the Data Docs paths stay the same between identical runs.
+        run_id = RunIdentifier(run_name=suite_name, run_time=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))
+        result = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY", run_id=run_id)
+
+        results_path = self.out_dir / "contracts" / f"{suite_name}.json"
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        written = result.to_json_dict()
+        # Without the load time and GX's random ids the results file (and so the data artifact's
+        # digest) is the same for the same data.
+        written.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
+        results_path.write_text(reproducible(json.dumps(written, indent=2, sort_keys=True, default=str)))
+
+        # GX returns results in its own order; sort back to the suite's so "first failure" is stable.
+        ordered = sorted(result.results, key=lambda item: item.expectation_config.meta["position"])
+        failed: dict[str, dict] = {}
+        for item in ordered:
+            if item.success:
+                continue
+            config = item.expectation_config
+            label = expectation_label(config.type, {k: v for k, v in config.kwargs.items() if k != "batch_id"})
+            if label in failed:
+                label = f"{label}#{config.meta['position']}"
+            failed[label] = {
+                "severity": config.meta["severity"],
+                "unexpected": item.result.get("unexpected_count"),
+                "rows": item.result.get("element_count"),
+                "observed": item.result.get("observed_value"),
+                "error": _exception_message(item.exception_info or {}),
+            }
+        critical = [label for label, outcome in failed.items() if outcome["severity"] == "critical"]
+        violation = None
+        if critical:
+            more = f" (+{len(critical) - 1} more critical; see {results_path})" if len(critical) > 1 else ""
+            violation = f"data contract {suite_name}: {_describe_failure(critical[0], failed[critical[0]])}{more}"
+        summary = {
+            "suite": suite_name,
+            "rows": len(frame),
+            "evaluated": len(ordered),
+            "passed": sum(1 for item in ordered if item.success),
+            "failed": failed,
+            "critical_failed": len(critical),
+            "warnings_failed": len(failed) - len(critical),
+            "results_path": str(results_path),
+            "violation": violation,
         }
-    critical = [label for label, outcome in failed.items() if outcome["severity"] == "critical"]
-    summary = {
-        "suite": suite_name,
-        "rows": int(len(frame)),
-        "evaluated": len(ordered),
-        "passed": sum(1 for item in ordered if item.success),
-        "failed": failed,
-        "critical_failed": len(critical),
-        "warnings_failed": len(failed) - len(critical),
-        "results_path": str(results_path),
-    }
-    if critical:
-        more = f" (+{len(critical) - 1} more critical; see {results_path})" if len(critical) > 1 else ""
-        raise ContractViolation(f"data contract {suite_name}: {_describe_failure(critical[0], failed[critical[0]])}{more}")
+        self.summaries.append(summary)
+        return summary
+
+    def build_docs(self) -> Path | None:
+        """Write the Data Docs site (index.html at the root of docs_dir); None without a docs_dir."""
+        if self.docs_dir is None:
+            return None
+        self.context.build_data_docs(site_names=[DOCS_SITE])
+        for name in UNUSED_DOCS_IMAGES:  # 3.4 MB of help-page animations no page of ours shows
+            (self.docs_dir / "static" / "images" / name).unlink(missing_ok=True)
+        for page in self.docs_dir.rglob("*.html"):
+            page.write_text(reproducible(page.read_text(encoding="utf-8")), encoding="utf-8")
+        return self.docs_dir / "index.html"
+
+    def raise_first_violation(self) -> None:
+        for summary in self.summaries:
+            if summary["violation"]:
+                raise ContractViolation(summary["violation"])
+
+
+def validate(frame, suite_name: str, out_dir: Path) -> dict:
+    """One suite, no Data Docs; raises ContractViolation naming the first failed critical expectation."""
+    contracts = ContractRun(out_dir)
+    summary = contracts.validate(frame, suite_name)
+    contracts.raise_first_violation()
     return summary

@@ -1,72 +1,196 @@
-"""The frames the suites check: one row per record, plus the computed columns a suite names.
+"""The frames the suites check: one row per record, columns computed from the record.
 
-A suite JSON can only talk about columns, so what is not a plain field of a record (the dedup key,
-"chosen == rejected", token counts as the trainer sees them) is computed here, once, next to the
-suites that rely on it:
+A suite JSON can only talk about columns, so everything it checks is computed here, once, next to
+the suites that rely on it. The frames hold numbers and flags, not the text: a few dozen bytes
+per row, so a suite runs on the whole output of a large corpus in one exact pass (uniqueness
+included) instead of on samples or chunks.
 
-    frame = clean_frame({"train": rows, "eval": held_out}, ["prompt", "response"], ["prompt", "response"])
-    validate(frame, "instruction_clean", out_dir)
+    builder = CleanFrameBuilder(["prompt", "response"], dedup_fields=["response"])
+    builder.add(record, "train")                          # for each output row
+    validate(builder.frame(), "instruction_clean", out_dir)
 
-Pure pandas (plus a tokenizer for `tokenized_frame`); no Great Expectations import, so building a
-frame is cheap.
+    sft_frame(prompt_tokens, completion_tokens, max_length)          # numpy arrays of counts
+    preference_frame(prompt, chosen, rejected, common, max_length, overlong="dropped")
+
+Clean frame columns: `<field>_chars` (null when the field is missing or not a string),
+`<field>_control_chars`, `<field>_padded` (leading/trailing whitespace), `text_chars` (prompt +
+the longest completion field), `dedup_key` (64-bit digest of the whitespace-collapsed dedup key),
+`split`, and for pairs `chosen_equals_rejected`.
+
+Pure pandas/numpy (a tokenizer only for `tokenized_frame`); no Great Expectations import.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from array import array
+
+import numpy as np
 import pandas as pd
 
 from posttrain.formatting import IGNORE_INDEX, encode_example
 
 DEDUP_KEY_SEPARATOR = "\x1f"  # unit separator: cannot occur in normalised text, so keys never collide by joining
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # what normalisation removes (\n stays)
+_WHITESPACE = re.compile(r"\s+")
+_MISSING = -1
 
 
 def dedup_key(record: dict, dedup_fields: list[str]) -> str:
-    return DEDUP_KEY_SEPARATOR.join(record[field] for field in dedup_fields)
+    """The exact-dedup key: the fields joined, every whitespace run (newlines too) as one space —
+    two answers that differ only in line breaks are the same answer."""
+    return DEDUP_KEY_SEPARATOR.join(_WHITESPACE.sub(" ", record[field]).strip() for field in dedup_fields)
+
+
+def key_digest(key: str) -> int:
+    """A signed 64-bit digest (a pandas int64): collisions are ~1e-8 likely at a million rows."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class CleanFrameBuilder:
+    """Accumulates the clean-suite columns row by row in typed arrays (4 bytes a value, 8 for the key)."""
+
+    def __init__(self, fields: list[str], dedup_fields: list[str]):
+        self.fields, self.dedup_fields = list(fields), list(dedup_fields)
+        self.pair = "chosen" in fields and "rejected" in fields
+        ints = [f"{field}_{suffix}" for field in self.fields for suffix in ("chars", "control_chars", "padded")]
+        ints += ["text_chars"] + (["chosen_equals_rejected"] if self.pair else [])
+        self.columns = {name: array("i") for name in ints}  # 4 bytes a value: lengths fit easily
+        self.columns["dedup_key"] = array("q")
+        self.key_present = array("b")
+        self.splits: list[str] = []
+        self.split_codes = array("b")
+
+    def add(self, record: dict, split: str) -> None:
+        texts = {field: record.get(field) for field in self.fields}
+        complete = all(isinstance(text, str) for text in texts.values())
+        for field, text in texts.items():
+            present = isinstance(text, str)
+            self.columns[f"{field}_chars"].append(len(text) if present else _MISSING)
+            self.columns[f"{field}_control_chars"].append(len(CONTROL_CHARACTERS.findall(text)) if present else _MISSING)
+            self.columns[f"{field}_padded"].append(int(text != text.strip()) if present else _MISSING)
+        lengths = [len(texts[field]) for field in self.fields] if complete else []
+        self.columns["text_chars"].append(lengths[0] + max(lengths[1:]) if complete else _MISSING)
+        if self.pair:
+            self.columns["chosen_equals_rejected"].append(int(texts["chosen"] == texts["rejected"]) if complete else _MISSING)
+        key_complete = all(isinstance(record.get(field), str) for field in self.dedup_fields)
+        self.columns["dedup_key"].append(key_digest(dedup_key(record, self.dedup_fields)) if key_complete else 0)
+        self.key_present.append(int(key_complete))
+        if split not in self.splits:
+            self.splits.append(split)
+        self.split_codes.append(self.splits.index(split))
+
+    def __len__(self) -> int:
+        return len(self.split_codes)
+
+    def nbytes(self) -> int:
+        return sum(values.itemsize * len(values) for values in self.columns.values()) + 2 * len(self.split_codes)
+
+    def frame(self) -> pd.DataFrame:
+        data = {}
+        for name, values in self.columns.items():
+            dtype = np.int64 if values.typecode == "q" else np.int32
+            raw = np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
+            # Masked arrays straight from the buffers: no Python object per value, even at a million rows.
+            if name == "dedup_key":
+                present = np.frombuffer(self.key_present, dtype=np.int8) if len(values) else np.zeros(0, dtype=np.int8)
+                data[name] = pd.arrays.IntegerArray(raw.copy(), present == 0)
+            elif name.endswith(("_padded", "chosen_equals_rejected")):
+                data[name] = pd.arrays.BooleanArray(raw == 1, raw == _MISSING)
+            else:
+                data[name] = pd.arrays.IntegerArray(raw.copy(), raw == _MISSING)
+        codes = np.frombuffer(self.split_codes, dtype=np.int8) if len(self.split_codes) else np.zeros(0, dtype=np.int8)
+        data["split"] = pd.Categorical.from_codes(codes, categories=self.splits or ["train"])
+        return pd.DataFrame(data)
 
 
 def clean_frame(splits: dict[str, list[dict]], fields: list[str], dedup_fields: list[str]) -> pd.DataFrame:
-    """Records of one role, all splits together (so uniqueness also means no train/eval overlap).
-
-    Columns: the role's `fields` (+ "skill" when present), "split", "dedup_key", "text_chars"
-    (prompt + the longest completion field) and, for preference pairs, "chosen_equals_rejected".
-    Missing fields become nulls rather than errors, so the suite reports them as failures.
-    """
-    rows = []
+    """The clean-suite frame of in-memory records of one role, all splits together (so uniqueness
+    also means no train/eval overlap). Missing fields become nulls, so the suite reports them."""
+    builder = CleanFrameBuilder(fields, dedup_fields)
     for split, records in splits.items():
         for record in records:
-            row = {field: record.get(field) for field in fields}
-            if "skill" in record:
-                row["skill"] = record["skill"]
-            row["split"] = split
-            texts = [row[field] for field in fields]
-            complete = all(isinstance(text, str) for text in texts)
-            row["dedup_key"] = dedup_key(record, dedup_fields) if complete else None
-            row["text_chars"] = len(texts[0]) + max(len(text) for text in texts[1:]) if complete else None
-            if "chosen" in fields and "rejected" in fields:
-                row["chosen_equals_rejected"] = row["chosen"] == row["rejected"]
-            rows.append(row)
-    columns = [*fields, "split", "dedup_key", "text_chars"]
-    return pd.DataFrame(rows, columns=None if rows else columns)
+            builder.add(record, split)
+    return builder.frame()
+
+
+# ----------------------------------------------------------------------------- after tokenization
+
+
+def sft_frame(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, max_length: int) -> pd.DataFrame:
+    """Instruction rows as formatting.encode_example cuts them at `max_length` (sft, distill).
+
+    `completion_tokens` include the EOS. Columns: total_tokens, trainable_tokens (labels that count
+    in the loss), truncated, trainable_fraction.
+    """
+    prompt_tokens, completion_tokens = np.asarray(prompt_tokens, dtype=np.int64), np.asarray(completion_tokens, dtype=np.int64)
+    full = prompt_tokens + completion_tokens
+    total = np.minimum(full, max_length)
+    trainable = np.clip(total - prompt_tokens, 0, None)
+    fraction = np.divide(trainable, total, out=np.zeros(len(total)), where=total > 0)
+    return pd.DataFrame({"total_tokens": total, "trainable_tokens": trainable, "truncated": full > max_length, "trainable_fraction": fraction})
+
+
+def preference_frame(
+    prompt_tokens: np.ndarray,
+    chosen_tokens: np.ndarray,
+    rejected_tokens: np.ndarray,
+    common_prefix: np.ndarray,
+    max_length: int,
+    overlong: str,
+) -> pd.DataFrame:
+    """Pairs as a preference trainer sees them at `max_length`.
+
+    Completion counts include the EOS; `common_prefix` is the length of the common prefix of the
+    chosen and rejected completion ids (+ EOS). `overlong="dropped"` (RewardTrainer drops pairs
+    longer than max_length, so identity is judged on the whole sequences) or "truncated" (DPO keeps
+    the first max_length tokens, so two answers that differ only beyond it look the same).
+    Columns: chosen_trainable, rejected_trainable, truncated (either side longer than max_length),
+    identical (same completion ids as trained on), trainable_fraction (of both sides together).
+    """
+    p, c, r, common = (np.asarray(values, dtype=np.int64) for values in (prompt_tokens, chosen_tokens, rejected_tokens, common_prefix))
+    if overlong == "dropped":
+        seen_c, seen_r = c, r
+    else:
+        seen_c, seen_r = np.clip(np.minimum(p + c, max_length) - p, 0, None), np.clip(np.minimum(p + r, max_length) - p, 0, None)
+    total = np.minimum(p + c, max_length) + np.minimum(p + r, max_length)
+    return pd.DataFrame(
+        {
+            "chosen_trainable": seen_c,
+            "rejected_trainable": seen_r,
+            "truncated": (p + np.maximum(c, r)) > max_length,
+            "identical": (seen_c == seen_r) & (common >= seen_c),
+            "trainable_fraction": np.divide(seen_c + seen_r, total, out=np.zeros(len(total)), where=total > 0),
+        }
+    )
+
+
+def token_counts(records: list[dict], tokenizer) -> dict[str, np.ndarray]:
+    """Reference counts for `sft_frame`, row by row through the trainers' own encode_example."""
+    prompts, completions = [], []
+    for record in records:
+        encoded = encode_example(tokenizer, record["prompt"], record["response"], max_length=10**9)
+        labels = encoded["labels"]
+        prompts.append(sum(label == IGNORE_INDEX for label in labels))
+        completions.append(sum(label != IGNORE_INDEX for label in labels))
+    return {"prompt": np.array(prompts, dtype=np.int64), "completion": np.array(completions, dtype=np.int64)}
 
 
 def tokenized_frame(records: list[dict], tokenizer, max_length: int) -> pd.DataFrame:
-    """Instruction records encoded exactly as our training loops encode them (encode_example).
+    """`sft_frame` of in-memory instruction records, counted through encode_example."""
+    counts = token_counts(records, tokenizer)
+    return sft_frame(counts["prompt"], counts["completion"], max_length)
 
-    Columns: total_tokens, trainable_tokens (labels that count in the loss), truncated,
-    trainable_fraction.
-    """
-    rows = []
-    for record in records:
-        encoded = encode_example(tokenizer, record["prompt"], record["response"], max_length=max_length)
-        total = len(encoded["input_ids"])
-        trainable = sum(label != IGNORE_INDEX for label in encoded["labels"])
-        rows.append(
-            {
-                "total_tokens": total,
-                "trainable_tokens": trainable,
-                "truncated": encoded["truncated"],
-                "trainable_fraction": trainable / total if total else 0.0,
-            }
-        )
-    columns = ["total_tokens", "trainable_tokens", "truncated", "trainable_fraction"]
-    return pd.DataFrame(rows, columns=columns)
+
+__all__ = [
+    "DEDUP_KEY_SEPARATOR",
+    "CleanFrameBuilder",
+    "clean_frame",
+    "dedup_key",
+    "key_digest",
+    "preference_frame",
+    "sft_frame",
+    "token_counts",
+    "tokenized_frame",
+]

@@ -89,10 +89,51 @@ class GenerateConfig(Section):
     overlong: float = Field(0.005, ge=0, le=1)
 
 
+# Record schemas a source can hold, and the role (output layout) each one becomes. `instruction`,
+# `preference` and `prompt` are the pipeline's own layouts ({prompt, response} etc.).
+SOURCE_FORMAT_ROLES = {
+    "alpaca": "instruction",  # instruction, input, output
+    "messages": "instruction",  # messages: [{role, content}, ...], the last assistant turn is the response
+    "instruction": "instruction",  # prompt, response
+    "preference": "preference",  # prompt, chosen, rejected
+    "hh": "preference",  # chosen, rejected: full "\n\nHuman: … \n\nAssistant: …" transcripts
+    "prompt": "prompt",  # prompt, answer
+}
+# The fields of each format that `fields:` may rename (format field -> the source's column name).
+SOURCE_FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages", "role", "content"),
+    "instruction": ("prompt", "response"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+    "prompt": ("prompt", "answer"),
+}
+
+
 class SourceConfig(Section):
+    """One input of the data stage: a file, a folder or a dataset id (`path`), or generated rows.
+
+        - {path: ../shared/realdata/alpaca/alpaca_data.json.gz, format: alpaca}
+        - {path: data/chats.parquet, format: messages, fields: {messages: conversation}}
+        - {path: Anthropic/hh-rlhf, type: hub, split: test, format: hh}
+        - {role: instruction, generate: {rows: 20000}}
+
+    `format` is the record schema; `role` (the output layout) follows from it, or `format` from
+    `role` when only the role is given (the pipeline's own layout). `type` is the container and is
+    inferred from the path when left out: .jsonl/.ndjson (JSON lines), .json (a JSON array, or JSON
+    lines when the file does not start with "["), .parquet, .csv — each optionally .gz — a folder
+    written by `datasets.save_to_disk` (`disk`), and anything else (a dataset id or a folder of
+    data files) goes to `datasets.load_dataset` (`hub`).
+    """
+
     path: str | None = None
-    format: Literal["jsonl", "json", "generated"] = "jsonl"
-    role: Literal["instruction", "preference", "prompt"]
+    format: Literal["alpaca", "messages", "instruction", "preference", "hh", "prompt"] | None = None
+    role: Literal["instruction", "preference", "prompt"] | None = None
+    type: Literal["jsonl", "json", "parquet", "csv", "disk", "hub"] | None = Field(
+        None, description="container type; null: inferred from the path"
+    )
+    split: str | None = Field(None, description="split of a `disk` DatasetDict or a `hub` dataset; null: train")
+    fields: dict[str, str] = Field(default_factory=dict, description="format field -> column name in this source")
     generate: GenerateConfig | None = None
 
     @model_validator(mode="after")
@@ -100,8 +141,25 @@ class SourceConfig(Section):
         if (self.path is None) == (self.generate is None):
             raise ValueError("give exactly one of `path` or `generate`")
         if self.generate is not None:
-            self.format = "generated"
+            if self.role is None:
+                raise ValueError("a generated source needs `role`")
+            if self.format not in (None, self.role) or self.type or self.split or self.fields:
+                raise ValueError("a generated source takes only `role` and `generate`")
+        if self.format is None and self.role is None:
+            raise ValueError("give `format` (alpaca, messages, instruction, preference, hh, prompt) or `role`")
+        implied = SOURCE_FORMAT_ROLES[self.format] if self.format else self.role
+        if self.role is not None and self.role != implied:
+            raise ValueError(f"format {self.format!r} makes {implied} rows, not {self.role}")
+        self.role = implied
+        self.format = self.format or self.role
+        unknown = sorted(set(self.fields) - set(SOURCE_FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(f"fields: {unknown[0]!r} is not a field of format {self.format} {SOURCE_FORMAT_FIELDS[self.format]}")
         return self
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"generated-{self.role}"
 
 
 class NearDupConfig(Section):
@@ -115,22 +173,51 @@ class NearDupConfig(Section):
 
     enabled: bool = True
     threshold: float = Field(0.85, gt=0, le=1)
-    num_perm: int = Field(128, ge=16)
-    shingle_size: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, le=64)
     shingle_unit: Literal["char", "word"] = "char"
     strip_punctuation: bool = Field(True, description="replace punctuation by spaces before shingling")
+    backend: Literal["numpy", "datasketch"] = Field(
+        "numpy", description="numpy: vectorised, ≈ 30x datasketch on Alpaca (bench/dedup.py); datasketch: the reference"
+    )
 
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     max_tokens: int = Field(96, ge=8, description="rows longer than this (prompt+response, run tokenizer) are dropped")
     min_response_chars: int = Field(1, ge=0)
-    dedup_key: list[str] = Field(default_factory=lambda: ["prompt", "response"], description="fields joined for dedup")
+    scrub_pii: list[Literal["email", "phone", "ip"]] = Field(
+        default_factory=list, description="replace these by <EMAIL>, <PHONE>, <IP> (counted per kind); [] = off"
+    )
+    dedup_key: list[str] = Field(
+        default_factory=lambda: ["prompt", "response"],
+        description="fields joined for exact and near dedup; `response` means chosen/answer for other roles",
+    )
     near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
     decontaminate: bool = True
+    decontaminate_ngram: int = Field(13, ge=1, description="word n-gram shared with a benchmark prompt = contaminated")
+    decontaminate_min_words: int = Field(
+        8, ge=1, description="benchmark prompts shorter than ngram words match as a whole word sequence if at least this long; shorter ones only exactly"
+    )
     eval_fraction: float = Field(0.02, gt=0, lt=1)
     seed: int = 0
     contract_suites: bool = True
+    stage_max_length: dict[Literal["sft", "reward", "dpo", "distill"], int] = Field(
+        default_factory=dict,
+        description="max_length of the training stages this data feeds (tokenized contracts); missing: max_tokens",
+    )
+    batch_rows: int = Field(4096, ge=1, description="rows read, cleaned and deduplicated at a time")
+
+    @field_validator("dedup_key")
+    @classmethod
+    def _known_dedup_fields(cls, fields: list[str]) -> list[str]:
+        known = {"prompt", "response", "chosen", "rejected", "answer"}
+        if not fields or len(set(fields)) != len(fields):
+            raise ValueError("give one or more distinct field names")
+        unknown = [name for name in fields if name not in known]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a row field ({', '.join(sorted(known))})")
+        return fields
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -271,6 +358,14 @@ class PipelineConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _data_knows_stage_lengths(self) -> "PipelineConfig":
+        # The data stage's tokenized contracts check truncation at each training stage's own max_length;
+        # an explicit data.stage_max_length entry wins.
+        lengths = {"sft": self.sft.max_length, "reward": self.reward.max_length, "dpo": self.align.dpo.max_length, "distill": self.distill.max_length}
+        self.data.stage_max_length = {**lengths, **self.data.stage_max_length}
+        return self
 
 
 # ----------------------------------------------------------------------------- loading

@@ -42,7 +42,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     for char in alphabet:
         vocab.setdefault(char, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Every character is its own token; "." alone would not match newlines, and a run of them would
+    # become one unknown token.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # join characters back without spaces
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS, padding_side="right")
 

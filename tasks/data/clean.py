@@ -1,7 +1,18 @@
-"""Steps 2-3: normalise text (NFKC, control characters, spaces) and drop empty/short/over-long rows."""
+"""Steps 2-3: normalise text (NFKC, control characters, spaces, optional PII scrubbing), then drop
+empty / chosen == rejected / too short / over-long rows, one batch at a time.
+
+    normalize_batch(rows, scrub=["email", "ip"], removals=removals)   # counts pii_email, pii_ip
+    kept = filter_batch(rows, config, tokenizer, removals)            # rows carry their token counts
+
+Token counts are what training sees (formatting.prompt_text / completion_text + EOS, the run's
+tokenizer, one batched call per field); they are kept on each row so the tokenized contracts of
+every training stage can be computed later without tokenizing again.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import unicodedata
 
@@ -11,30 +22,99 @@ from tasks.data.records import ROLE_FIELDS, Removals, Row
 
 # C0 controls except \t (collapsed below) and \n (kept), DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SPACES = re.compile(r"[ \t]+")
+_SPACES = re.compile(r"[ \t]*\t[ \t]*| {2,}")  # tabs and runs of spaces; a lone space needs no rewrite
+
+# PII patterns. Phone numbers are the risky kind (maths and dates are full of digit groups), so a
+# candidate counts only with a + country code, an area code in parentheses, or the 3-3-4 layout.
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]*\d)")
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_PHONE_CANDIDATE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)")
+_PHONE_3_3_4 = re.compile(r"\d{3}([ .-])\d{3}\1\d{4}")
+PII_PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>"}
 
 
 def normalize_text(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text)  # full-width forms, ligatures, NBSP -> plain
+    if not text.isascii():  # NFKC leaves ASCII as it is
+        text = unicodedata.normalize("NFKC", text)  # full-width forms, ligatures, NBSP -> plain
     text = _CONTROL.sub("", text)
     return _SPACES.sub(" ", text).strip()
 
 
-def normalize(rows: list[Row]) -> None:
+def _is_ipv6(candidate: str) -> bool:
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_phone(candidate: str) -> bool:
+    digits = sum(char.isdigit() for char in candidate)
+    if not 9 <= digits <= 15:
+        return False
+    return candidate.startswith("+") or "(" in candidate or _PHONE_3_3_4.fullmatch(candidate) is not None
+
+
+def scrub_pii(text: str, kinds: list[str]) -> tuple[str, dict[str, int]]:
+    """`text` with each email / phone number / IP address replaced by its placeholder, and how many
+    of each kind were replaced. IPs go before phones: "192.168.100.200" is not a phone number."""
+    counts = {}
+    if "email" in kinds:
+        text, counts["email"] = _EMAIL.subn(PII_PLACEHOLDERS["email"], text)
+    if "ip" in kinds:
+        text, v4 = _IPV4.subn(PII_PLACEHOLDERS["ip"], text)
+        found = [0]
+
+        def ipv6(match: re.Match) -> str:
+            if match.group(0).count(":") >= 2 and _is_ipv6(match.group(0)):
+                found[0] += 1
+                return PII_PLACEHOLDERS["ip"]
+            return match.group(0)
+
+        text = _IPV6_CANDIDATE.sub(ipv6, text)
+        counts["ip"] = v4 + found[0]
+    if "phone" in kinds:
+        found = [0]
+
+        def phone(match: re.Match) -> str:
+            if _is_phone(match.group(0)):
+                found[0] += 1
+                return PII_PLACEHOLDERS["phone"]
+            return match.group(0)
+
+        text = _PHONE_CANDIDATE.sub(phone, text)
+        counts["phone"] = found[0]
+    return text, counts
+
+
+def normalize_batch(rows: list[Row], scrub: list[str], removals: Removals) -> None:
     for row in rows:
-        row.record = {key: normalize_text(value) for key, value in row.record.items()}
+        record = {key: normalize_text(value) for key, value in row.record.items()}
+        if scrub:
+            for key in ROLE_FIELDS[row.role]:
+                record[key], counts = scrub_pii(record[key], scrub)
+                for kind, count in counts.items():
+                    removals.count(f"pii_{kind}", count)
+        row.record = record
 
 
-def token_counts(tokenizer, prompts: list[str], completions: list[str]) -> list[int]:
-    """Tokens training sees: prompt template + completion + EOS (as formatting.encode_example)."""
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids = encode([prompt_text(text) for text in prompts]) if prompts else []
-    completion_ids = encode([completion_text(text) for text in completions]) if completions else []
-    return [len(p) + len(c) + 1 for p, c in zip(prompt_ids, completion_ids)]
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
-def filter_rows(rows: list[Row], config: DataConfig, tokenizer, removals: Removals) -> list[Row]:
-    """Drop empty, too-short, chosen == rejected, then over-long rows."""
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`; for a fast tokenizer through the
+    Rust batch encoder without offsets, ~1.7x faster on Alpaca (most of the filter step's time)."""
+    if tokenizer.is_fast:
+        return [encoding.ids for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def filter_batch(rows: list[Row], config: DataConfig, tokenizer, removals: Removals) -> list[Row]:
+    """Drop empty, chosen == rejected, too short, then over-long rows; survivors get `tokens`:
+    (prompt, completion) or, for pairs, (prompt, chosen, rejected, common prefix of the chosen and
+    rejected completion ids + EOS), each completion counted with the EOS the trainers append."""
     survivors = []
     for row in rows:
         record = row.record
@@ -47,13 +127,26 @@ def filter_rows(rows: list[Row], config: DataConfig, tokenizer, removals: Remova
             removals.add("too_short", row)
         else:
             survivors.append(row)
-    # Longest completion: a preference pair is trained on both sides, the longer one must fit.
-    longest = [max((row.record[key] for key in ROLE_FIELDS[row.role][1:]), key=len) for row in survivors]
-    counts = token_counts(tokenizer, [row.record["prompt"] for row in survivors], longest)
+    if not survivors:
+        return []
+    encode = lambda texts: token_ids(tokenizer, texts)  # noqa: E731
+    prompt_ids = encode([prompt_text(row.record["prompt"]) for row in survivors])
+    completion_ids = [
+        encode([completion_text(row.record[key]) for row in survivors]) for key in ROLE_FIELDS[survivors[0].role][1:]
+    ]
     kept = []
-    for row, count in zip(survivors, counts):
-        if count > config.max_tokens:
-            removals.add("overlong", row, tokens=count)
+    for position, row in enumerate(survivors):
+        sides = [ids[position] + [tokenizer.eos_token_id] for ids in completion_ids]
+        tokens = (len(prompt_ids[position]), *(len(ids) for ids in sides))
+        if row.role == "preference":
+            tokens += (_common_prefix_length(sides[0], sides[1]),)
+        longest = tokens[0] + max(len(ids) for ids in sides)  # a pair trains on both sides: the longer must fit
+        row.tokens = tokens
+        if row.role == "preference" and sides[0] == sides[1]:
+            # Different text, same ids (a character tokenizer maps every unknown character to <unk>).
+            removals.add("same_pair", row, tokens_equal=True)
+        elif longest > config.max_tokens:
+            removals.add("overlong", row, tokens=longest)
         else:
             kept.append(row)
     return kept

@@ -1,37 +1,91 @@
-"""Step 6: drop training rows that overlap the run's own benchmarks, counted per benchmark."""
+"""Step 6: drop training rows that overlap the run's own benchmarks, counted per benchmark.
+
+    index = BenchmarkIndex.load(benchmarks_folder, ngram=13, min_words=8)
+    hits = index.matches(row.record)          # ["gsm8k"] or []
+
+A row is contaminated by a benchmark item when
+
+  * its normalised prompt equals the item's normalised prompt (any length), or
+  * any of its text fields (prompt, response, chosen, …) contains a word n-gram of the item's
+    prompt: n = `ngram` (13, as in GPT-3 and later reports) for prompts of at least 13 words; a
+    prompt of `min_words` to 12 words must appear whole (n = its length); a prompt shorter than
+    `min_words` matches only exactly — "reverse abcde" inside a longer training prompt is not
+    evidence of a leak, while 8 consecutive words of a maths problem are.
+
+Words are compared lower-cased with punctuation removed, so "Natalia sold 48 clips." and
+"natalia sold 48 clips" overlap. Lookup is a hash-set probe per word window of the shortest n in
+use, confirmed with the item's own n, so the cost is one pass over each row's words.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from posttrain.jsonl import iter_jsonl
 from tasks.data.clean import normalize_text
-from tasks.data.ingest import read_source_file
-from tasks.data.records import Removals, Row
+from tasks.data.records import ROLE_FIELDS
+
+_WORD = re.compile(r"\w+")
 
 
-def load_benchmark_prompts(folder: Path) -> dict[str, set[str]]:
-    """{benchmark name: normalised prompts} from <folder>/<name>.jsonl."""
-    prompts = {}
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        numbered = read_source_file(str(path), "jsonl")
-        for row_number, item in numbered:
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise ValueError(f"{path} row {row_number}: benchmark items need a string 'prompt'")
-        prompts[path.stem] = {normalize_text(item["prompt"]) for _, item in numbered}
-    if not prompts:
-        raise ValueError(f"{folder}: no <benchmark>.jsonl files to decontaminate against")
-    return prompts
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
 
 
-def decontaminate(rows: list[Row], benchmarks: dict[str, set[str]], removals: Removals) -> tuple[list[Row], dict]:
-    per_benchmark = {name: 0 for name in benchmarks}
-    kept = []
-    for row in rows:
-        hits = [name for name, prompts in benchmarks.items() if row.record["prompt"] in prompts]
-        for name in hits:
-            per_benchmark[name] += 1
-        if hits:
-            removals.add("decontaminated", row, benchmarks=hits)
-        else:
-            kept.append(row)
-    return kept, per_benchmark
+class BenchmarkIndex:
+    def __init__(self, items: dict[str, list[str]], ngram: int, min_words: int):
+        """`items`: {benchmark name: prompts}."""
+        self.ngram, self.min_words = ngram, min_words
+        self.exact: dict[str, set[str]] = {}  # normalised prompt -> benchmark names
+        self.required: list[tuple[str, int, tuple[str, ...]]] = []  # (name, n, the item's words)
+        for name, prompts in items.items():
+            for prompt in prompts:
+                self.exact.setdefault(normalize_text(prompt), set()).add(name)
+                item_words = tuple(words(prompt))
+                if len(item_words) >= min_words:
+                    self.required.append((name, min(ngram, len(item_words)), item_words))
+        # Probe with the shortest n in use: every required n-gram starts with such a window.
+        self.probe = min((n for _, n, _ in self.required), default=0)
+        self.by_window: dict[tuple[str, ...], list[int]] = {}
+        for position, (_, n, item_words) in enumerate(self.required):
+            for start in range(len(item_words) - n + 1):
+                self.by_window.setdefault(item_words[start : start + self.probe], []).append(position)
+        self.names = sorted(items)
+
+    @classmethod
+    def load(cls, folder: Path, ngram: int, min_words: int) -> BenchmarkIndex:
+        """Prompts of <folder>/<name>.jsonl (items {"id", "skill", "prompt", "answer"})."""
+        items = {}
+        for path in sorted(Path(folder).glob("*.jsonl")):
+            prompts = []
+            for row_number, item in enumerate(iter_jsonl(path), start=1):
+                if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                    raise ValueError(f"{path} row {row_number}: benchmark items need a string 'prompt'")
+                prompts.append(item["prompt"])
+            items[path.stem] = prompts
+        if not items:
+            raise ValueError(f"{folder}: no <benchmark>.jsonl files to decontaminate against")
+        return cls(items, ngram, min_words)
+
+    def _ngram_hits(self, text: str) -> set[str]:
+        text_words = words(text)
+        hits, found = set(), set()
+        for start in range(len(text_words) - self.probe + 1):
+            for position in self.by_window.get(tuple(text_words[start : start + self.probe]), ()):
+                name, n, item_words = self.required[position]
+                if position in found or start + n > len(text_words):
+                    continue
+                candidate = text_words[start : start + n]
+                if any(list(item_words[i : i + n]) == candidate for i in range(len(item_words) - n + 1)):
+                    hits.add(name)
+                    found.add(position)
+        return hits
+
+    def matches(self, record: dict, role: str) -> list[str]:
+        """Benchmark names the record overlaps (sorted); [] when clean."""
+        hits = set(self.exact.get(record["prompt"], ()))
+        if self.required:
+            for key in ROLE_FIELDS[role]:
+                hits |= self._ngram_hits(record[key])
+        return sorted(hits)

@@ -1,84 +1,327 @@
-"""Step 1: read each source (JSON lines, JSON array, or generated skills) into Rows, checking fields."""
+"""Step 1: read each source in batches and map its records onto the pipeline's row layouts.
+
+    for rows in read_batches(source, index, out_dir, batch_rows=4096, origins=origins, removals=removals):
+        ...  # a list of Row, at most batch_rows long; quarantined rows are already in removals
+
+Containers (`SourceConfig.type`, inferred from the path): JSON lines and CSV are streamed line by
+line / block by block, Parquet by row group batches (pyarrow), `datasets` folders and dataset ids
+(`datasets.load_dataset`) through their memory-mapped Arrow tables; a JSON array is the one
+container read whole (one file at a time: no streaming JSON parser is installed), so give large
+corpora as JSON lines, Parquet or CSV. Each may be gzip-compressed (.gz).
+
+Schemas (`SourceConfig.format`): see `to_role_record`. A record that breaks its schema (a missing
+key, a non-string field) stops the stage with one line naming file, row and key; a record that
+fits the schema but cannot become a row (a chat that does not end with the assistant, hh-rlhf
+transcripts without a common prompt) is quarantined with its rule.
+"""
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
+import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from posttrain import skills
 from posttrain.config import SourceConfig
 from posttrain.jsonl import write_jsonl
-from tasks.data.records import ROLE_FIELDS, Row
+from tasks.data.clean import normalize_text
+from tasks.data.records import ROLE_FIELDS, Origins, Removals, Row
+
+DATASETS_FOLDER_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+SUFFIX_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Alpaca's self-instruct generator wrote these instead of an empty input ("No input", "<noinput>",
+# "N/A", …): compared lower-cased without spaces, angle brackets or a final full stop.
+PLACEHOLDER_INPUTS = {"noinput", "n/a", "na", "none"}
+TURN_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+TURN_LABELS = {"user": "User", "assistant": "Assistant", "system": "System"}
+HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+class Unusable(Exception):
+    """A record that fits its schema but cannot become a row; `rule` goes to rejected.jsonl."""
+
+    def __init__(self, rule: str):
+        super().__init__(rule)
+        self.rule = rule
 
 
 def _type_name(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def check_record(record, role: str, source: str, row_number: int) -> dict:
-    """The role's fields (+ skill) of one source record, or a one-line ValueError naming file/row/key."""
-    where = f"{source} row {row_number}"
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {_type_name(record)} (role {role})")
-    kept = {}
-    for key in ROLE_FIELDS[role]:
-        if key not in record:
-            raise ValueError(f"{where}: missing key {key!r} (role {role})")
-        if not isinstance(record[key], str):
-            raise ValueError(f"{where}: key {key!r} must be a string, got {_type_name(record[key])} (role {role})")
-        kept[key] = record[key]
+# ----------------------------------------------------------------------------- containers
+
+
+def source_type(source: SourceConfig) -> str:
+    if source.type is not None:
+        return source.type
+    path = Path(source.path)
+    if path.is_dir():
+        return "disk" if any((path / marker).is_file() for marker in DATASETS_FOLDER_MARKERS) else "hub"
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, kind in SUFFIX_TYPES.items():
+        if name.endswith(suffix):
+            return kind
+    if path.exists():
+        raise ValueError(f"{source.path}: cannot tell the file type from its name; set the source's `type`")
+    return "hub"  # not a local path: a dataset id
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _batched(numbered: Iterator[tuple[int, object]], size: int) -> Iterator[list[tuple[int, object]]]:
+    batch = []
+    for item in numbered:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _json_lines(path: str, handle) -> Iterator[tuple[int, object]]:
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} row {line_number}: invalid JSON ({exc.msg})") from None
+
+
+def _json_file(path: str, file: Path) -> Iterator[tuple[int, object]]:
+    with _open_text(file) as handle:
+        head = handle.read(4096).lstrip()
+        handle.seek(0)
+        if not head.startswith("["):  # a .json file holding JSON lines, as many datasets ship them
+            if head and not head.startswith("{"):
+                raise ValueError(f"{path}: expected a JSON array of records or JSON lines, got {head[:1]!r} at the start")
+            yield from _json_lines(path, handle)
+            return
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    yield from enumerate(records, start=1)
+
+
+def _csv_file(file: Path) -> Iterator[dict]:
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    with _open_text(file) as handle:
+        header = next(csv.reader(handle), [])
+    # Every column as a string: type inference would turn an answer column of "72"s into integers.
+    convert = pa_csv.ConvertOptions(column_types={name: pa.string() for name in header})
+    parse = pa_csv.ParseOptions(newlines_in_values=True)  # answers span lines
+    with pa.input_stream(str(file), compression="detect") as stream:
+        reader = pa_csv.open_csv(stream, parse_options=parse, convert_options=convert)
+        for batch in reader:
+            yield from batch.to_pylist()
+
+
+def _arrow_rows(dataset, batch_rows: int) -> Iterator[dict]:
+    for batch in dataset.iter(batch_size=batch_rows):
+        columns = list(batch)
+        for values in zip(*(batch[name] for name in columns)):
+            yield dict(zip(columns, values))
+
+
+def _datasets_rows(source: SourceConfig, kind: str, batch_rows: int) -> Iterator[dict]:
+    import datasets
+
+    split = source.split or "train"
+    try:
+        if kind == "disk":
+            dataset = datasets.load_from_disk(source.path)
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"no split {split!r} (has {', '.join(dataset)})")
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(source.path, split=split)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError…)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{source.path}: cannot load as a {'saved datasets folder' if kind == 'disk' else 'dataset'} ({first_line})") from None
+    yield from _arrow_rows(dataset, batch_rows)
+
+
+def read_records(source: SourceConfig, batch_rows: int) -> Iterator[list[tuple[int, object]]]:
+    """Batches of (row number, record): line numbers for JSON lines, 1-based positions otherwise."""
+    kind = source_type(source)
+    path = source.path  # relative paths are relative to the working directory, like any CLI path
+    file = Path(path)
+    if kind in ("jsonl", "json", "parquet", "csv") and not file.is_file():
+        raise ValueError(f"{path}: source file not found (cwd {Path.cwd()})")
+    if kind == "jsonl":
+        with _open_text(file) as handle:
+            yield from _batched(_json_lines(path, handle), batch_rows)
+    elif kind == "json":
+        yield from _batched(_json_file(path, file), batch_rows)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        position = 0
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows):
+            records = batch.to_pylist()
+            yield list(enumerate(records, start=position + 1))
+            position += len(records)
+    elif kind == "csv":
+        yield from _batched(enumerate(_csv_file(file), start=1), batch_rows)
+    else:
+        yield from _batched(enumerate(_datasets_rows(source, kind, batch_rows), start=1), batch_rows)
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+def is_placeholder_input(text: str) -> bool:
+    return re.sub(r"[\s<>]", "", text.lower()).removesuffix(".") in PLACEHOLDER_INPUTS
+
+
+def transcript_text(turns: list[tuple[str, str]]) -> str:
+    """A prompt in canonical text: a lone user turn is itself; a conversation is its turns as
+    "User: …" / "Assistant: …" / "System: …" paragraphs (formatting.prompt_text wraps either)."""
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1].strip()
+    return "\n\n".join(f"{TURN_LABELS[role]}: {content.strip()}" for role, content in turns)
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen reply, rejected reply) of an hh-rlhf pair.
+
+    The prompt is the text both transcripts share, cut back to its last "\\n\\nAssistant:"; the
+    replies are what follows. For nearly every pair that is simply each transcript's last
+    assistant turn; it also keeps pairs where one reply itself contains an "Assistant:" line (a
+    transcript's last marker is then inside the reply). A reply that contains a human turn means
+    the two transcripts differ before the final reply: `prompt_mismatch`.
+    """
+    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise Unusable("prompt_mismatch")
+    replies = chosen[cut + len(HH_ASSISTANT) :], rejected[cut + len(HH_ASSISTANT) :]
+    if any(HH_HUMAN in reply for reply in replies):
+        raise Unusable("prompt_mismatch")
+    parts = _HH_TURN.split(chosen[:cut])
+    turns = [("user", parts[0])] if parts[0].strip() else []
+    turns += [("user" if label == "Human" else "assistant", text) for label, text in zip(parts[1::2], parts[2::2])]
+    return transcript_text(turns), replies[0].strip(), replies[1].strip()
+
+
+class _Fields:
+    """Reads a record's fields by their format names, through the source's `fields` map."""
+
+    def __init__(self, record, source: SourceConfig, where: str):
+        self.context = f"format {source.format}" if source.format != source.role else f"role {source.role}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {_type_name(record)} ({self.context})")
+        self.record, self.names, self.where = record, source.fields, where
+
+    def text(self, name: str, optional: bool = False) -> str:
+        column = self.names.get(name, name)
+        value = self.record.get(column)
+        if value is None and optional:
+            return ""
+        if column not in self.record:
+            raise ValueError(f"{self.where}: missing key {column!r} ({self.context})")
+        if not isinstance(value, str):
+            raise ValueError(f"{self.where}: key {column!r} must be a string, got {_type_name(value)} ({self.context})")
+        return value
+
+    def turns(self) -> list[tuple[str, str]]:
+        column = self.names.get("messages", "messages")
+        value = self.record.get(column)
+        if isinstance(value, str) and value.lstrip().startswith("["):  # a chat stored as JSON text (CSV)
+            value = json.loads(value)
+        if column not in self.record:
+            raise ValueError(f"{self.where}: missing key {column!r} ({self.context})")
+        if not isinstance(value, list):
+            raise ValueError(f"{self.where}: key {column!r} must be a list of turns, got {_type_name(value)} ({self.context})")
+        role_key, content_key = self.names.get("role", "role"), self.names.get("content", "content")
+        turns = []
+        for position, turn in enumerate(value):
+            at = f"{self.where}: {column}[{position}]"
+            if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
+                raise ValueError(f"{at} must be an object with a string {content_key!r} ({self.context})")
+            role = TURN_ROLES.get(str(turn.get(role_key)).lower())
+            if role is None:
+                raise ValueError(f"{at}: {role_key!r} must be one of {', '.join(TURN_ROLES)}, got {turn.get(role_key)!r} ({self.context})")
+            turns.append((role, turn[content_key]))
+        return turns
+
+
+def to_role_record(record, source: SourceConfig, where: str, removals: Removals) -> dict:
+    """The role fields (+ "skill") of one record; raises ValueError (schema) or Unusable (rule).
+
+    alpaca       prompt = instruction, + "\\n\\n" + input unless the input is empty or a placeholder
+                 ("No input", "<noinput>", "N/A", …: counted as `placeholder_input`); response = output
+    messages     response = the last turn, which must be the assistant's (else `no_final_reply`);
+                 prompt = the turns before it (transcript_text)
+    hh           split_hh on the chosen and rejected transcripts
+    instruction, preference, prompt   the role's own fields
+    """
+    fields = _Fields(record, source, where)
+    if source.format == "alpaca":
+        instruction, given = fields.text("instruction"), normalize_text(fields.text("input", optional=True))
+        placeholder = bool(given) and is_placeholder_input(given)
+        removals.count("placeholder_input", int(placeholder))
+        prompt = instruction if not given or placeholder else f"{instruction}\n\n{given}"
+        kept = {"prompt": prompt, "response": fields.text("output")}
+    elif source.format == "messages":
+        turns = fields.turns()
+        if not turns or turns[-1][0] != "assistant":
+            raise Unusable("no_final_reply")
+        kept = {"prompt": transcript_text(turns[:-1]) if turns[:-1] else "", "response": turns[-1][1]}
+    elif source.format == "hh":
+        prompt, chosen, rejected = split_hh(fields.text("chosen"), fields.text("rejected"))
+        kept = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    else:
+        kept = {key: fields.text(key) for key in ROLE_FIELDS[source.role]}
     if "skill" in record:
         if not isinstance(record["skill"], str):
-            raise ValueError(f"{where}: key 'skill' must be a string, got {_type_name(record['skill'])} (role {role})")
+            raise ValueError(f"{where}: key 'skill' must be a string, got {_type_name(record['skill'])} ({fields.context})")
         kept["skill"] = record["skill"]
     return kept
 
 
-def read_source_file(path: str, fmt: str) -> list[tuple[int, object]]:
-    """(row number, record) pairs: line numbers for JSON lines, 1-based positions for a JSON array."""
-    file = Path(path)  # relative paths are relative to the working directory, like any CLI path
-    if not file.is_file():
-        raise ValueError(f"{path}: source file not found (cwd {Path.cwd()})")
-    text = file.read_text(encoding="utf-8")
-    if fmt == "json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON array of records, got {_type_name(records)}")
-        return list(enumerate(records, start=1))
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} row {line_number}: invalid JSON ({exc.msg})") from None
-    return rows
+# ----------------------------------------------------------------------------- sources
 
 
-def ingest(sources: list[SourceConfig], out_dir: Path) -> tuple[list[Row], dict, list[dict]]:
-    """All source rows in order, the planted-noise totals of generated sources, and a per-source tally."""
-    rows: list[Row] = []
-    planted = {"exact_duplicates": 0, "near_duplicates": 0, "empty": 0, "overlong": 0}
-    tally = []
-    for index, source in enumerate(sources):
-        if source.format == "generated":
-            spec = source.generate
-            noise_fractions = {key: getattr(spec, key) for key in planted}
-            records, noise = skills.generate_rows(source.role, rows=spec.rows, seed=spec.seed, skills=spec.skills, **noise_fractions)
-            name = f"raw/{index}-{source.role}.jsonl"
-            write_jsonl(out_dir / name, records)
-            numbered = list(enumerate(records, start=1))
-            for key in planted:
-                planted[key] += getattr(noise, key)
-        else:
-            name = source.path
-            numbered = read_source_file(source.path, source.format)
-        for row_number, record in numbered:
-            kept = check_record(record, source.role, name, row_number)
-            rows.append(Row(source.role, kept, record, name, row_number))
-        tally.append({"source": name, "role": source.role, "rows": len(numbered)})
-    return rows, planted, tally
+def generated_source(source: SourceConfig, index: int, out_dir: Path) -> tuple[SourceConfig, dict]:
+    """Write a generated source under raw/ (so the raw input travels with the artifact); return
+    it as a JSON-lines source and its planted-noise counts."""
+    spec = source.generate
+    noise = {key: getattr(spec, key) for key in ("exact_duplicates", "near_duplicates", "empty", "overlong")}
+    records, planted = skills.generate_rows(source.role, rows=spec.rows, seed=spec.seed, skills=spec.skills, **noise)
+    name = f"raw/{index}-{source.role}.jsonl"
+    write_jsonl(out_dir / name, records)
+    counts = {key: getattr(planted, key) for key in noise}
+    return SourceConfig(path=str(out_dir / name), role=source.role, type="jsonl"), counts
+
+
+def read_batches(
+    source: SourceConfig, name: str, batch_rows: int, origins: Origins, removals: Removals
+) -> Iterator[list[Row]]:
+    """Rows of one source, `batch_rows` at a time, each with its row id; unusable records go to
+    `removals` with their rule and never reach the caller."""
+    origins.start_source(name)
+    for batch in read_records(source, batch_rows):
+        rows = []
+        for row_number, record in batch:
+            row_id = origins.add(row_number)
+            where = f"{name} row {row_number}"
+            try:
+                kept = to_role_record(record, source, where, removals)
+            except Unusable as unusable:
+                removals.add(unusable.rule, Row(source.role, {}, record, name, row_number, row_id))
+                continue
+            rows.append(Row(source.role, kept, record, name, row_number, row_id))
+        yield rows

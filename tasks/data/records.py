@@ -1,8 +1,18 @@
-"""Rows as the data stage carries them, the role schemas, and the removal log (rejected.jsonl)."""
+"""Rows as the data stage carries them, the role schemas, the removal log (rejected.jsonl) and
+where each row came from.
+
+Every row read gets a row id (0, 1, 2, … across all sources in config order); `Origins` maps an id
+back to its source and source row in a few bytes per row, so a duplicate can name the row it
+repeats long after that row's text has left memory.
+"""
 
 from __future__ import annotations
 
+import bisect
+import json
+from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ROLE_FIELDS = {
     "instruction": ("prompt", "response"),
@@ -12,7 +22,19 @@ ROLE_FIELDS = {
 # The field that plays "response" in a role: `dedup_key: [prompt, response]` means prompt+chosen
 # for preference pairs and prompt+answer for prompts.
 RESPONSE_ALIAS = {"instruction": "response", "preference": "chosen", "prompt": "answer"}
-RULES = ("empty", "same_pair", "too_short", "overlong", "exact_dup", "near_dup", "decontaminated")
+# In the order the stage applies them. The first two come from reading a record's schema: a chat
+# whose last turn is not the assistant's, and hh-rlhf transcripts that share no prompt.
+RULES = (
+    "no_final_reply",
+    "prompt_mismatch",
+    "empty",
+    "same_pair",
+    "too_short",
+    "overlong",
+    "exact_dup",
+    "near_dup",
+    "decontaminated",
+)
 
 
 @dataclass
@@ -22,18 +44,75 @@ class Row:
     raw: dict  # as read, for rejected.jsonl
     source: str
     source_row: int
+    row_id: int = -1
+    tokens: tuple = ()  # filled by clean.filter_batch: prompt, completion(s) [, chosen/rejected common prefix]
 
     def origin(self) -> dict:
         return {"source": self.source, "source_row": self.source_row}
 
 
+class Origins:
+    """Row id -> (source, source row); ids are handed out in reading order."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []  # first row id of each source
+        self._names: list[str] = []
+        self._rows = array("q")  # source row number of every row id
+
+    def start_source(self, name: str) -> None:
+        self._starts.append(len(self._rows))
+        self._names.append(name)
+
+    def add(self, source_row: int) -> int:
+        self._rows.append(source_row)
+        return len(self._rows) - 1
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def nbytes(self) -> int:
+        return self._rows.itemsize * len(self._rows)
+
+    def of(self, row_id: int) -> dict:
+        source = self._names[bisect.bisect_right(self._starts, row_id) - 1]
+        return {"source": source, "source_row": self._rows[row_id]}
+
+
 @dataclass
 class Removals:
-    """Dropped rows by rule, in the order they were dropped (written to rejected.jsonl)."""
+    """Dropped rows by rule, streamed to rejected.jsonl in the order they were dropped.
 
+    Also counts what cleaning changed without dropping a row (`normalised`: placeholder inputs
+    removed, PII replaced), so the manifest can say how much of the text was rewritten.
+    """
+
+    path: Path | None = None
     counts: dict = field(default_factory=lambda: {rule: 0 for rule in RULES})
-    entries: list = field(default_factory=list)
+    normalised: dict = field(default_factory=dict)
+    _handle: object = None
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._handle = Path(self.path).open("w", encoding="utf-8")
 
     def add(self, rule: str, row: Row, **detail) -> None:
         self.counts[rule] += 1
-        self.entries.append({"rule": rule, **row.origin(), "record": row.raw, **detail})
+        if self._handle is not None:
+            entry = {"rule": rule, **row.origin(), "record": row.raw, **detail}
+            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def count(self, what: str, amount: int = 1) -> None:
+        if amount:
+            self.normalised[what] = self.normalised.get(what, 0) + amount
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Removals:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
