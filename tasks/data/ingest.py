@@ -5,9 +5,8 @@
 
 Containers (`SourceConfig.type`, inferred from the path): JSON lines and CSV are streamed line by
 line / block by block, Parquet by row group batches (pyarrow), `datasets` folders and dataset ids
-(`datasets.load_dataset`) through their memory-mapped Arrow tables; a JSON array is the one
-container read whole (one file at a time: no streaming JSON parser is installed), so give large
-corpora as JSON lines, Parquet or CSV. Each may be gzip-compressed (.gz).
+(`datasets.load_dataset`) through their memory-mapped Arrow tables, and a JSON array record by
+record (ijson's C backend). Each may be gzip-compressed (.gz).
 
 Schemas (`SourceConfig.format`): see `to_role_record`. A record that breaks its schema (a missing
 key, a non-string field) stops the stage with one line naming file, row and key; a record that
@@ -106,11 +105,31 @@ def _json_file(path: str, file: Path) -> Iterator[tuple[int, object]]:
                 raise ValueError(f"{path}: expected a JSON array of records or JSON lines, got {head[:1]!r} at the start")
             yield from _json_lines(path, handle)
             return
+    yield from _json_array(path, file)
+
+
+def _json_array(path: str, file: Path) -> Iterator[tuple[int, object]]:
+    """The records of a JSON array, streamed: ijson builds one record at a time (floats as float,
+    like json.load). What ijson rejects is read again by json.load, whole: its error is the one-line
+    message (file, line) a bad file always got, and the few values json.load accepts but yajl does
+    not (integers past 64 bits, NaN, Infinity, 1e400) still load, as the rows not yet given."""
+    import ijson
+
+    yielded = 0
+    try:
+        with gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb") as handle:
+            for record in ijson.items(handle, "item", use_float=True):
+                yielded += 1
+                yield yielded, record
+        return
+    except ijson.JSONError:
+        pass
+    with _open_text(file) as handle:
         try:
             records = json.load(handle)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
-    yield from enumerate(records, start=1)
+    yield from enumerate(records[yielded:], start=yielded + 1)
 
 
 def _csv_file(file: Path) -> Iterator[dict]:

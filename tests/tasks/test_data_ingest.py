@@ -17,7 +17,7 @@ from posttrain.jsonl import read_jsonl, write_jsonl
 from tasks import data
 from tasks.data.clean import scrub_pii
 from tasks.data.decontaminate import BenchmarkIndex
-from tasks.data.ingest import is_placeholder_input, read_batches, source_type, split_hh
+from tasks.data.ingest import is_placeholder_input, read_batches, read_records, source_type, split_hh
 from tasks.data.records import Origins, Removals
 
 ALPACA = [
@@ -111,6 +111,59 @@ def test_explicit_type_and_split_override_inference(tmp_path, monkeypatch):
     assert [row.record["response"] for row in rows] == ["Bonjour", "Blue"]
     with pytest.raises(ValueError, match=r"saved: cannot load as a saved datasets folder \(no split 'validation' \(has train, test\)\)$"):
         read_all(path=str(tmp_path / "saved"), format="alpaca", split="validation")
+
+
+# Records whose values json.load and a streaming parser could tell apart: floats, ints, nesting, escapes.
+ODD_RECORDS = [
+    {"i": 1, "f": 2.5, "e": 1e5, "neg": -0.0, "tiny": 1.5e-300, "big": 2**62, "none": None, "flag": True},
+    {"nested": {"list": [1, 0.1, [2.25, {"k": "v"}]], "empty": {}}, "text": "é 😀 \u00e9 \"quoted\" \n"},
+    [1, "not an object"],
+    "a string",
+    {"k": 1, "k2": [], "k3": ""},
+    3.0,
+    {"last": 12345678901234567},
+]
+
+
+@pytest.mark.parametrize("kind", ["json", "json.gz"])
+def test_a_json_array_streams_in_batches_with_the_records_json_load_gives(tmp_path, kind):
+    path = write_container(tmp_path, kind, ODD_RECORDS)
+    batches = read_records(SourceConfig(path=str(path), format="alpaca"), 3)
+    first = next(batches)  # a batch before the file is read to its end
+    assert [number for number, _ in first] == [1, 2, 3]
+    numbered = first + [item for batch in batches for item in batch]
+    with (gzip.open(path, "rt") if kind == "json.gz" else open(path)) as handle:
+        expected = json.load(handle)
+    assert [number for number, _ in numbered] == list(range(1, len(expected) + 1))
+    assert [record for _, record in numbered] == expected
+    assert [json.dumps(record) for _, record in numbered] == [json.dumps(record) for record in expected]  # 3.0 stays a float
+
+
+def test_a_json_array_is_given_before_a_later_syntax_error_which_is_one_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ALPACA, indent=1)[:-2] + ", {oops}]")  # every record, then a broken one
+    batches = read_batches(SourceConfig(path=str(path), format="alpaca"), "rows.json", 2, Origins(), Removals())
+    assert [row.source_row for row in next(batches)] == [1, 2]  # streamed: rows come before the bad one is parsed
+    with pytest.raises(ValueError) as error:
+        list(batches)
+    assert str(error.value) == f"{path} line 26: invalid JSON (Expecting property name enclosed in double quotes)"
+    with gzip.open(tmp_path / "rows.json.gz", "wt") as handle:
+        handle.write('[{"instruction": "Hi", "output": "Hello"}] trailing')
+    with pytest.raises(ValueError) as error:
+        read_all(path=str(tmp_path / "rows.json.gz"), format="alpaca")
+    assert str(error.value) == f"{tmp_path / 'rows.json.gz'} line 1: invalid JSON (Extra data)"
+    (tmp_path / "cut.json").write_text('[{"instruction": "Hi", "output": "Hello"},\n')
+    with pytest.raises(ValueError, match=r"cut.json line 2: invalid JSON \(Expecting value\)$"):
+        read_all(path=str(tmp_path / "cut.json"), format="alpaca")
+
+
+def test_a_json_array_with_values_only_json_load_accepts_still_loads(tmp_path):
+    """yajl rejects integers past 64 bits, NaN and Infinity; json.load reads them, so they still load."""
+    path = tmp_path / "rows.json"
+    path.write_text('[{"a": 1}, {"a": 2}, {"a": 123456789012345678901234567890}, {"a": NaN}, {"a": Infinity}, {"a": 1e400}]')
+    numbered = [item for batch in read_records(SourceConfig(path=str(path), format="alpaca"), 2) for item in batch]
+    assert [number for number, _ in numbered] == [1, 2, 3, 4, 5, 6]
+    assert [json.dumps(record) for _, record in numbered] == [json.dumps(record) for record in json.loads(path.read_text())]
 
 
 def test_a_dataset_id_goes_through_load_dataset_and_fails_in_one_line(monkeypatch, tmp_path):
