@@ -37,7 +37,7 @@ import tasks.sft
 from posttrain.artifacts import Artifact, Store, write_json_atomic
 from posttrain.config import PipelineConfig
 from posttrain.fingerprint import fingerprint
-from posttrain.runner import execute_stage
+from posttrain.runner import StageOutcome, execute_stage
 from posttrain.tracking import PipelineTracking
 from tasks.align import dpo
 
@@ -115,8 +115,6 @@ class PipelineRun:
             raise
         artifact = Artifact.load(Path(result["path"]))
         cache_hit = result["store_hit"] or result["built_by_flow_run"] != self.flow_run_id
-        from posttrain.runner import StageOutcome
-
         outcome = StageOutcome(artifact, cache_hit, time.perf_counter() - started)
         self.artifacts[stage] = artifact
         upstream = {name: self.tracking.child_runs.get(source) for name, source in inputs.items()}
@@ -162,7 +160,8 @@ def pipeline(cfg: PipelineConfig, config_path: str, config_yaml: str) -> dict:
 
 
 def _wire(run: PipelineRun, cfg: PipelineConfig) -> None:
-    data_split = lambda role: run.artifacts["data"].path / role / "train.jsonl"  # noqa: E731
+    def data_split(role: str) -> Path:
+        return run.artifacts["data"].path / role / "train.jsonl"
 
     run.stage("base", tasks.base, _with_seed(cfg.model, cfg.seed), {}, log_model=True)
     run.stage("benchmarks", tasks.benchmarks, cfg.benchmarks, {})

@@ -51,7 +51,7 @@ def _format_value(value) -> str:
 
 
 def _key_metrics(stage: str, metrics: dict) -> str:
-    names = KEY_METRICS.get(stage.split("[")[0], [])
+    names = KEY_METRICS.get(stage, [])
     return "  ".join(f"{name}={_format_value(metrics[name])}" for name in names if name in metrics)
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from posttrain.artifacts import Artifact
 
 # Shared modules whose code shapes the output of every stage that uses them.
-_SHARED_MODULES = ("formatting.py", "models.py", "skills.py", "benchmarks.py", "training.py")
+_SHARED_MODULES = ("formatting.py", "models.py", "skills.py", "benchmarks.py", "training.py", "scoring.py")
 _RESULT_LIBRARIES = (
     "torch", "transformers", "trl", "peft", "accelerate", "tokenizers", "datasets",
     "bitsandbytes", "datasketch", "great_expectations",

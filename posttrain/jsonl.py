@@ -47,3 +47,16 @@ def read_preference_pairs(path: str | Path) -> list[dict]:
         if row["chosen"] == row["rejected"]:
             raise ValueError(f"{path} row {number}: chosen and rejected are identical")
     return rows
+
+
+def read_instruction_rows(path: str | Path) -> list[dict]:
+    """Instruction rows from one split, checked: every row needs string `prompt` and `response`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found (the data artifact has no instruction split)")
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path} row {number}: key {key!r} must be a string")
+    return rows

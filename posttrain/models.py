@@ -10,7 +10,10 @@ refused rather than unpickled. Remote code runs only when the config says `trust
 
 from __future__ import annotations
 
+import logging
 import string
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,3 +133,29 @@ def pick_device(preference: str) -> torch.device:
 
 def folder_size_bytes(folder: Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.suffix in suffixes)
+
+
+# Loggers through which bitsandbytes reports once per matmul (int8 on CPU: "inputs will be cast from
+# torch.float32 to float16") or on import (no `kernels` package for its optional CPU 4-bit kernel).
+BNB_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
+
+
+@contextmanager
+def quiet_bitsandbytes():
+    """Silence bitsandbytes' per-call log lines and warnings for the duration of the block only.
+
+    The int8 message is a `logging` warning, not a `warnings.warn`, so a warnings filter alone does
+    not silence it; both are scoped here and restored on exit.
+    """
+    loggers = [logging.getLogger(name) for name in BNB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"bitsandbytes(\.|$)")
+            warnings.filterwarnings("ignore", message=r".*(MatMul8bitLt|bnb_4bit_compute_dtype).*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import DistillConfig, StudentConfig, TinyModelConfig
-from posttrain.jsonl import read_jsonl
+from posttrain.jsonl import read_instruction_rows
 from posttrain.models import (
     build_tiny,
     count_parameters,
@@ -48,6 +48,7 @@ from posttrain.models import (
     pick_device,
     save_pretrained,
 )
+from posttrain.scoring import completion_scores
 from posttrain.training import Throughput, write_loss_history
 
 IGNORE = formatting.IGNORE_INDEX
@@ -61,17 +62,6 @@ def _input_dir(inputs: dict[str, Artifact], name: str) -> Path:
         raise ValueError(f"distill: missing input {name!r} (expected: teacher, data)")
     return Path(inputs[name].path)
 
-
-def read_instruction_rows(path: Path) -> list[dict]:
-    """Instruction rows, each checked for string `prompt` and `response` (one-line error otherwise)."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found (the data artifact has no instruction split)")
-    rows = read_jsonl(path)
-    for number, row in enumerate(rows, start=1):
-        for key in ("prompt", "response"):
-            if not isinstance(row.get(key), str):
-                raise ValueError(f"{path} row {number}: key {key!r} must be a string")
-    return rows
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
@@ -189,21 +179,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def completion_scores(model, examples: list[dict], batch_size: int, pad_id: int, device) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy per completion token, and the model's argmax at every completion position."""
-    model.eval()
-    total_loss, total_tokens, predictions = 0.0, 0, []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in formatting.pad_batch(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        mask = completion_mask(batch["labels"])
-        selected = logits[mask]
-        total_loss += F.cross_entropy(selected, batch["labels"][:, 1:][mask], reduction="sum").item()
-        total_tokens += selected.shape[0]
-        predictions.append(selected.argmax(-1).cpu())
-    return total_loss / max(total_tokens, 1), torch.cat(predictions) if predictions else torch.empty(0)
-
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).float().mean()) if a.numel() else math.nan
@@ -249,8 +224,8 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
 
     teacher = load_causal_lm(teacher_dir).to(device)
     student = build_student(teacher, tokenizer, config.student, seed).to(device)
-    teacher_eval_loss, teacher_predictions = completion_scores(teacher, eval_examples, config.batch_size, pad_id, device)
-    initial_eval_loss, initial_predictions = completion_scores(student, eval_examples, config.batch_size, pad_id, device)
+    teacher_eval_loss, teacher_predictions = completion_scores(teacher, eval_examples, pad_id, config.batch_size)
+    initial_eval_loss, initial_predictions = completion_scores(student, eval_examples, pad_id, config.batch_size)
 
     # The rows the student will see, and the teacher's top-k logits for each of them, computed once.
     schedule = row_schedule(len(train_examples), config.max_steps * config.batch_size, seed)
@@ -304,7 +279,7 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
         meter.update(step + 1, tokens, history[-1][1])
     training = meter.summary()
 
-    student_eval_loss, student_predictions = completion_scores(student, eval_examples, config.batch_size, pad_id, device)
+    student_eval_loss, student_predictions = completion_scores(student, eval_examples, pad_id, config.batch_size)
     save_pretrained(student.cpu(), tokenizer, out_dir)
     write_loss_history(out_dir, history)
 

@@ -23,8 +23,7 @@ from posttrain.artifacts import Artifact
 from posttrain.benchmarks import exact_match
 from posttrain.config import EvaluateConfig
 from posttrain.jsonl import read_jsonl
-from posttrain.models import load_causal_lm, load_tokenizer
-from tasks.quantize import quiet_bitsandbytes
+from posttrain.models import load_causal_lm, load_tokenizer, quiet_bitsandbytes
 
 
 def model_folders(inputs: dict[str, Artifact]) -> dict[str, Path]:

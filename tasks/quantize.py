@@ -26,55 +26,25 @@ generate() reproduces the source's continuations. The manifest's `variants` name
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import QuantizeConfig
-from posttrain.jsonl import read_jsonl
-from posttrain.models import folder_size_bytes, load_causal_lm, load_tokenizer, pick_device
+from posttrain.jsonl import read_instruction_rows
+from posttrain.models import folder_size_bytes, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes
+from posttrain.scoring import completion_scores
 
 IGNORE = formatting.IGNORE_INDEX
-EVAL_BATCH = 64
 GENERATE_PROMPTS, GENERATE_TOKENS = 4, 8
 
 # bitsandbytes' packed CPU kernel for 4-bit weights (functional._convert_weight_packed_for_cpu).
 CPU_4BIT_BLOCK_N = 32
 NF4_BLOCKSIZE = 64
-
-# Loggers through which bitsandbytes reports once per matmul (int8 on CPU: "inputs will be cast from
-# torch.float32 to float16") or on import (no `kernels` package for its optional CPU 4-bit kernel).
-BNB_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
-
-
-@contextmanager
-def quiet_bitsandbytes():
-    """Silence bitsandbytes' per-call log lines and warnings for the duration of the block only.
-
-    The int8 message is a `logging` warning, not a `warnings.warn`, so a warnings filter alone does
-    not silence it; both are scoped here and restored on exit.
-    """
-    loggers = [logging.getLogger(name) for name in BNB_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"bitsandbytes(\.|$)")
-            warnings.filterwarnings("ignore", message=r".*(MatMul8bitLt|bnb_4bit_compute_dtype).*")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
 
 def bnb_config(method: str, skip_modules: list[str]) -> BitsAndBytesConfig:
     if method == "nf4":
@@ -123,34 +93,6 @@ def quantized_fraction(model) -> float:
 # ----------------------------------------------------------------------------- measurement
 
 
-def read_eval_rows(path: Path, limit: int) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found (the data artifact has no instruction eval split)")
-    rows = read_jsonl(path)[:limit]
-    for number, row in enumerate(rows, start=1):
-        for key in ("prompt", "response"):
-            if not isinstance(row.get(key), str):
-                raise ValueError(f"{path} row {number}: key {key!r} must be a string")
-    if not rows:
-        raise ValueError(f"{path}: no rows to measure the quantization loss on")
-    return rows
-
-
-@torch.no_grad()
-def completion_scores(model, examples: list[dict], pad_id: int) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy per completion token, and the argmax at every completion position."""
-    model.eval()
-    device = next(model.parameters()).device
-    total_loss, total_tokens, predictions = 0.0, 0, []
-    for start in range(0, len(examples), EVAL_BATCH):
-        batch = {k: v.to(device) for k, v in formatting.pad_batch(examples[start : start + EVAL_BATCH], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        mask = batch["labels"][:, 1:] != IGNORE
-        selected = logits[mask]
-        total_loss += F.cross_entropy(selected, batch["labels"][:, 1:][mask], reduction="sum").item()
-        total_tokens += selected.shape[0]
-        predictions.append(selected.argmax(-1).cpu())
-    return total_loss / max(total_tokens, 1), torch.cat(predictions)
 
 
 @torch.no_grad()
@@ -181,7 +123,10 @@ def run(config: QuantizeConfig, inputs: dict[str, Artifact], out_dir: Path) -> A
 
     tokenizer = load_tokenizer(source_dir)
     source = load_causal_lm(source_dir).to(device)
-    rows = read_eval_rows(data_dir / "instruction" / "eval.jsonl", config.eval_rows)
+    eval_path = data_dir / "instruction" / "eval.jsonl"
+    rows = read_instruction_rows(eval_path)[: config.eval_rows]
+    if not rows:
+        raise ValueError(f"{eval_path}: no rows to measure the quantization loss on")
     max_length = source.config.max_position_embeddings
     examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
     source_loss, source_predictions = completion_scores(source, examples, tokenizer.pad_token_id)

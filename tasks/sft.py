@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -22,6 +21,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
 from posttrain.jsonl import read_jsonl
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.scoring import completion_scores
 from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 
@@ -37,27 +37,10 @@ def _lora_config(config: SftConfig):
     )
 
 
-@torch.no_grad()
-def completion_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 64) -> float:
-    """Mean cross-entropy per completion token: the stage's own quality figure on held-out rows."""
-    model.eval()
-    device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in chunk]
-        batch = {k: v.to(device) for k, v in formatting.pad_batch(examples, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shifted_logits, shifted_labels = logits[:, :-1], batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shifted_logits.reshape(-1, shifted_logits.size(-1)),
-            shifted_labels.reshape(-1),
-            ignore_index=formatting.IGNORE_INDEX,
-            reduction="sum",
-        )
-        total_loss += loss.item()
-        total_tokens += int((shifted_labels != formatting.IGNORE_INDEX).sum())
-    return total_loss / max(total_tokens, 1)
+def completion_loss(model, tokenizer, records: list[dict], max_length: int) -> float:
+    """Mean cross-entropy per completion token on held-out rows: the stage's own quality figure."""
+    examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
+    return completion_scores(model, examples, tokenizer.pad_token_id)[0]
 
 
 def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
