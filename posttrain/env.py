@@ -24,6 +24,7 @@ QUIET_OFFLINE_DEFAULTS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",  # TRL draws its own bars (e.g. DPO reference log-probs) regardless of disable_tqdm
     # Two spinning OpenMP threads on a busy 2-core machine collapse throughput (FIELD_NOTES).
     "OMP_WAIT_POLICY": "PASSIVE",
 }
