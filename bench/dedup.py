@@ -1,19 +1,21 @@
 """Near-duplicate detection on real Alpaca rows: datasketch, rensa and our numpy backend in one process.
 
-    .venv/bin/python bench/dedup.py                  # 52k rows, 3 repeats, scaling 52k -> 520k (≈ 4 min)
+    .venv/bin/python bench/dedup.py                  # 52k rows, 3 repeats, scaling 52k -> 520k (≈ 3 min)
     .venv/bin/python bench/dedup.py --quick          # 20k rows, 1 repeat, scaling 20k -> 200k (≈ 1 min)
     .venv/bin/python bench/dedup.py --realdata DIR   # default: ../shared/realdata from the repository root
 
-Setting (the issue's): the Alpaca `output` field, lower-cased and punctuation stripped
-(`near_dup_texts`), word 5-shingles, 128 permutations, threshold 0.8. Every method starts from the
-same key texts and gives the same thing: streaming keep-the-first, a row is a duplicate when the
-exact Jaccard of its shingle set with an earlier row's reaches the threshold, among that method's
-LSH candidates. The methods:
-  datasketch per-row  `MinHash()` + `update_batch` per row, as in datasketch's README
-  datasketch bulk     `MinHash.generator` (tasks/data's reference backend, NearDupConfig.backend)
-  rensa               Python shingles, `RMinHash.from_token_sets`, `RMinHashLSH` (8 bands: it needs a divisor of 128)
-  numpy               NearDupIndex's default backend (tasks/data/dedup.py), all rows in one add_batch
-  numpy, 4k batches   the same, fed 4,096 rows at a time as the data stage does (same answer)
+Setting (the issue's): the Alpaca `output` field, lower-cased and punctuation stripped, word
+5-shingles, 128 permutations, threshold 0.8. Every method is timed end to end, from the raw rows to
+the keep/drop answer: key text, shingling, hashing, LSH and verification. Every method gives the same
+thing: streaming keep-the-first, a row is a duplicate when the exact Jaccard of its shingle set with
+an earlier row's reaches the threshold, among that method's LSH candidates. The methods:
+  datasketch per-row  near_dup_texts, Python shingle sets, `MinHash()` + `update_batch` per row (datasketch's README)
+  datasketch bulk     near_dup_texts, `MinHash.generator` (tasks/data's reference backend, NearDupConfig.backend)
+  rensa               near_dup_texts, Python shingles, `RMinHash.from_token_sets`, `RMinHashLSH` (8 bands: it needs a divisor of 128)
+  numpy               near_dup_keys + NearDupIndex's default backend (tasks/data), all rows in one add_batch
+  numpy, 4k batches   the same, 4,096 rows at a time as the data stage streams them (same answer)
+The Python methods get the fastest key text there is (the batch near_dup_texts, built on the same
+vectorised normalisation); the per-row regex version is timed once for reference.
 Agreement is measured against datasketch bulk: duplicate rows in common / in either, and pairs of
 rows put in the same cluster in common / in either. Then: index memory (fresh processes), recall
 on injected near-duplicates, the issue's reference figures, and the numpy backend from 52k to 520k
@@ -44,10 +46,9 @@ from tasks.data.dedup import (
     NearDupIndex,
     has_shingles,
     lsh_bands,
-    near_dup_text,
-    near_dup_texts,
     shingles,
 )
+from tasks.data.keytext import near_dup_keys, near_dup_text, near_dup_texts
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = NearDupConfig(threshold=0.8, num_perm=128, shingle_size=5, shingle_unit="word", strip_punctuation=True)
@@ -89,10 +90,12 @@ def python_sets(texts: list[str]) -> list[set]:
     return [shingles(text, size, unit) if has_shingles(text, unit) else set() for text in texts]
 
 
-def run_datasketch_per_row(texts: list[str]) -> dict:
+def run_datasketch_per_row(records: list[dict], field: str = "output") -> dict:
     from datasketch import MinHash, MinHashLSH
 
     started = time.perf_counter()
+    texts = near_dup_texts(records, [field], True)
+    keyed = time.perf_counter()
     sets = python_sets(texts)
     shingled = time.perf_counter()
     sketches = []
@@ -103,13 +106,15 @@ def run_datasketch_per_row(texts: list[str]) -> dict:
     hashed = time.perf_counter()
     kept, candidates, verified = streaming_lsh(sets, sketches, MinHashLSH(threshold=CONFIG.threshold, num_perm=CONFIG.num_perm))
     done = time.perf_counter()
-    return {"kept": kept, "candidates": candidates, "verified": verified, "shingle": shingled - started, "hash": hashed - shingled, "lsh": done - hashed}
+    return {"kept": kept, "candidates": candidates, "verified": verified, "key": keyed - started, "shingle": shingled - keyed, "hash": hashed - shingled, "lsh": done - hashed}
 
 
-def run_rensa(texts: list[str]) -> dict:
+def run_rensa(records: list[dict], field: str = "output") -> dict:
     from rensa import RMinHash, RMinHashLSH
 
     started = time.perf_counter()
+    texts = near_dup_texts(records, [field], True)
+    keyed = time.perf_counter()
     sets = python_sets(texts)
     shingled = time.perf_counter()
     sketches = RMinHash.from_token_sets([list(s) for s in sets], num_perm=CONFIG.num_perm, seed=42)
@@ -117,18 +122,26 @@ def run_rensa(texts: list[str]) -> dict:
     lsh = RMinHashLSH(threshold=CONFIG.threshold, num_perm=CONFIG.num_perm, num_bands=8)
     kept, candidates, verified = streaming_lsh(sets, sketches, lsh)
     done = time.perf_counter()
-    return {"kept": kept, "candidates": candidates, "verified": verified, "shingle": shingled - started, "hash": hashed - shingled, "lsh": done - hashed}
+    return {"kept": kept, "candidates": candidates, "verified": verified, "key": keyed - started, "shingle": shingled - keyed, "hash": hashed - shingled, "lsh": done - hashed}
 
 
-def run_index(texts: list[str], backend: str, batch: int | None = None) -> dict:
+def run_index(records: list[dict], backend: str, batch: int | None = None, field: str = "output") -> dict:
+    """NearDupIndex fed as the data stage feeds it: per batch, the rows' keys, then add_batch."""
     index = NearDupIndex(CONFIG.model_copy(update={"backend": backend}))
-    batch = batch or len(texts)
-    kept = []
-    for lo in range(0, len(texts), batch):
-        kept += index.add_batch(texts[lo : lo + batch], list(range(lo, min(lo + batch, len(texts)))))
+    batch = batch or len(records)
+    kept, key_seconds = [], 0.0
+    for lo in range(0, len(records), batch):
+        started = time.perf_counter()
+        if backend == "numpy":
+            keys = near_dup_keys(records[lo : lo + batch], [field], True, collapse=CONFIG.shingle_unit == "char")
+        else:
+            keys = near_dup_texts(records[lo : lo + batch], [field], True)
+        key_seconds += time.perf_counter() - started
+        kept += index.add_batch(keys, list(range(lo, min(lo + batch, len(records)))))
     stats = index.stats()
     return {
         "kept": kept,
+        "key": key_seconds,
         "candidates": int(stats["candidate_pairs"]),
         "verified": int(stats["verified_pairs"]),
         "shingle": stats["shingle_seconds"],
@@ -140,10 +153,10 @@ def run_index(texts: list[str], backend: str, batch: int | None = None) -> dict:
 
 METHODS = {
     "datasketch per-row": run_datasketch_per_row,
-    "datasketch bulk": lambda texts: run_index(texts, "datasketch"),
+    "datasketch bulk": lambda records, field="output": run_index(records, "datasketch", field=field),
     "rensa": run_rensa,
-    "numpy": lambda texts: run_index(texts, "numpy"),
-    "numpy, 4k batches": lambda texts: run_index(texts, "numpy", batch=4096),  # as the data stage streams
+    "numpy": lambda records, field="output": run_index(records, "numpy", field=field),
+    "numpy, 4k batches": lambda records, field="output": run_index(records, "numpy", batch=4096, field=field),  # as the data stage streams
 }
 
 
@@ -158,11 +171,11 @@ def common_cluster_pairs(a: list[int | None], b: list[int | None]) -> int:
     return sum(size * (size - 1) // 2 for size in cells.values())
 
 
-def timed(function, texts, repeats: int) -> dict:
+def timed(function, records, repeats: int) -> dict:
     results = []
     for _ in range(repeats):
         started = time.perf_counter()
-        result = function(texts)
+        result = function(records)
         result["seconds"] = time.perf_counter() - started
         results.append(result)
     best = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]  # the median run
@@ -217,28 +230,27 @@ def status_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def scale_child(rows: int, realdata: Path, repeats: int) -> None:
-    corpus = perturbed_corpus([row["output"] for row in load_alpaca(realdata)], rows)
-    started = time.perf_counter()
-    texts = near_dup_texts([{"output": text} for text in corpus], ["output"], True)
-    key_seconds = time.perf_counter() - started
+def scale_child(rows: int, batch: int, realdata: Path, repeats: int) -> None:
+    records = [{"output": text} for text in perturbed_corpus([row["output"] for row in load_alpaca(realdata)], rows)]
+    near_dup_keys(records[:100], ["output"], True)  # builds the per-process normalisation tables (≈ 50 ms, once)
     # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so the peak read
     # afterwards is this run's own (ru_maxrss would also count the parent's memory at fork).
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # start from what is really in use
     Path("/proc/self/clear_refs").write_text("5")
     rss_before = status_bytes("VmRSS")
-    runs = sorted((run_index(texts, "numpy", batch=52_000) for _ in range(repeats)), key=lambda r: r["shingle"] + r["hash"] + r["lsh"])
+    runs = sorted((timed(lambda records: run_index(records, "numpy", batch=batch), records, 1) for _ in range(repeats)), key=lambda r: r["seconds"])
     result = runs[len(runs) // 2]  # the median run; a new index each time
     print(json.dumps({
-        "rows": rows, "seconds": result["shingle"] + result["hash"] + result["lsh"], "key_seconds": key_seconds,
+        "rows": rows, "batch": batch, "seconds": result["seconds"], "key_seconds": result["key"],
         "duplicates": sum(k is not None for k in result["kept"]), "index_bytes": result["index_bytes"],
         "rss_before": rss_before, "peak_rss": status_bytes("VmHWM"), "split": [result["shingle"], result["hash"], result["lsh"]],
     }))
 
 
 def memory_child(backend: str, realdata: Path) -> None:
-    texts = near_dup_texts(load_alpaca(realdata), ["output"], True)
+    alpaca = load_alpaca(realdata)
+    texts = near_dup_keys(alpaca, ["output"], True, collapse=False) if backend == "numpy" else near_dup_texts(alpaca, ["output"], True)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
@@ -264,9 +276,10 @@ def main() -> None:
     parser.add_argument("--plants", type=int, default=2000, help="injected near-duplicates for the recall table")
     parser.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=52_000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale_child:
-        return scale_child(args.scale_child, args.realdata, args.repeats or 3)
+        return scale_child(args.scale_child, args.batch, args.realdata, args.repeats or 3)
     if args.memory_child:
         return memory_child(args.memory_child, args.realdata)
     rows_wanted = 20_000 if args.quick else 52_002
@@ -277,23 +290,20 @@ def main() -> None:
     started = time.perf_counter()
     per_row_keys = [near_dup_text(row, ["output"], True) for row in alpaca]
     key_per_row = time.perf_counter() - started
-    started = time.perf_counter()
     texts = near_dup_texts(alpaca, ["output"], True)
-    key_batch = time.perf_counter() - started
-    assert texts == per_row_keys
-    print(f"\nAlpaca `output`, {len(texts):,} rows; word 5-shingles, 128 perms, threshold 0.8; median of {repeats} run(s)")
-    print(f"key text (shared by all methods): near_dup_text per row {key_per_row:.2f} s, near_dup_texts batch {key_batch:.2f} s")
+    assert texts == per_row_keys  # the batch normalisation is the per-row definition, row for row
+    print(f"\nAlpaca `output`, {len(alpaca):,} rows; word 5-shingles, 128 perms, threshold 0.8; median of {repeats} run(s)")
+    print(f"key text for reference: near_dup_text per row (two regexes a row) {key_per_row:.2f} s")
 
-    results = {name: timed(function, texts, repeats) for name, function in METHODS.items()}
+    results = {name: timed(function, alpaca, repeats) for name, function in METHODS.items()}
     reference, slowest = results["datasketch bulk"], results["datasketch per-row"]
-    print("(rows/s from the key texts, shingling included; 'with key': adding the batch key-text time to every method)")
-    print(f"\n{'method':<20} {'rows/s':>9} {'x bulk':>7} {'x per-row':>9} {'seconds':>8} {'shingle':>8} {'hash':>7} {'lsh':>7} {'runs (s)':>18} {'with key':>9} {'x bulk':>7}")
+    print("(end to end: rows/s from the raw rows to the answer, key text and shingling included)")
+    print(f"\n{'method':<20} {'rows/s':>9} {'x bulk':>7} {'x per-row':>9} {'seconds':>8} {'key':>6} {'shingle':>8} {'hash':>7} {'lsh':>7} {'runs (s)':>18}")
     for name, r in results.items():
         runs = "/".join(f"{s:.2f}" for s in r["all_seconds"])
-        with_key = (reference["seconds"] + key_batch) / (r["seconds"] + key_batch)
         print(
-            f"{name:<20} {len(texts) / r['seconds']:>9,.0f} {reference['seconds'] / r['seconds']:>7.1f} {slowest['seconds'] / r['seconds']:>9.1f} "
-            f"{r['seconds']:>8.2f} {r['shingle']:>8.2f} {r['hash']:>7.2f} {r['lsh']:>7.2f} {runs:>18} {len(texts) / (r['seconds'] + key_batch):>9,.0f} {with_key:>7.1f}"
+            f"{name:<20} {len(alpaca) / r['seconds']:>9,.0f} {reference['seconds'] / r['seconds']:>7.1f} {slowest['seconds'] / r['seconds']:>9.1f} "
+            f"{r['seconds']:>8.2f} {r['key']:>6.2f} {r['shingle']:>8.2f} {r['hash']:>7.2f} {r['lsh']:>7.2f} {runs:>18}"
         )
     ref_dups = {i for i, k in enumerate(reference["kept"]) if k is not None}
     ref_pairs = cluster_pairs(reference["kept"])
@@ -317,43 +327,46 @@ def main() -> None:
         print(f"{name:<20} {r['held'] / 2**20:>9.0f} {r['peak'] / 2**20:>9.0f} {r['index_bytes'] / 2**20:>10.0f}")
 
     planted_texts, planted, jaccards = plant(texts, args.plants)
+    planted_records = [{"output": text} for text in planted_texts]  # key texts are their own key text
     print(f"\ninjected near-duplicates: {args.plants:,} edited copies of distinct rows with ≥ 60 words (one word dropped, swapped or")
     print(f"replaced), appended after the real rows; their true Jaccard with the source: min {min(jaccards):.3f}, median "
           f"{statistics.median(jaccards):.3f}, {sum(j >= 0.8 for j in jaccards):,} at ≥ 0.8. 'expected' is the mean LSH S-curve "
           "1-(1-J^r)^b over the plants: what any unbiased MinHash with that banding finds")
     print(f"{'method':<20} {'bands x rows':>12} {'recall':>7} {'expected':>8} {'other rows changed':>18}")
     for name, function in METHODS.items():
-        kept = function(planted_texts)["kept"]
+        kept = function(planted_records)["kept"]
         found = sum(kept[i] is not None for i in planted) / len(planted)
         bands, band_rows = (8, 16) if name == "rensa" else lsh_bands(CONFIG.threshold, CONFIG.num_perm)
         expected = statistics.fmean(1 - (1 - j**band_rows) ** bands for j in jaccards)
         changed = sum((a is None) != (b is None) for a, b in zip(kept[: len(texts)], results[name]["kept"]))
         print(f"{name:<20} {f'{bands} x {band_rows}':>12} {found:>7.1%} {expected:>8.1%} {changed:>18}")
 
-    instructions = near_dup_texts(alpaca, ["instruction"], True)
     print("\nreference figures (issue: ≈ 1.5k near-duplicate outputs at 0.8, almost no near-duplicate instructions):")
-    for field, field_texts in (("output", texts), ("instruction", instructions)):
+    for field in ("output", "instruction"):
         for name in ("datasketch bulk", "numpy"):
-            kept = results[name]["kept"] if field == "output" else METHODS[name](field_texts)["kept"]
+            kept = results[name]["kept"] if field == "output" else METHODS[name](alpaca, field)["kept"]
             clusters = len({k for k in kept if k is not None})
             print(f"  {field:<12} {name:<16} {sum(k is not None for k in kept):>6,} removals in {clusters:,} clusters")
 
     sizes = (20_000, 200_000) if args.quick else (52_000, 520_000)
-    print(f"\nscaling, numpy backend, batches of 52k rows, each size in a fresh process, median of {repeats} ({sizes[0] // 10:,} / {sizes[1] // 10:,} real rows × 10 perturbed copies):")
-    print(f"{'rows':>9} {'rows/s':>9} {'seconds':>8} {'shingle/hash/lsh':>18} {'key text s':>10} {'dup rows':>9} {'index MiB':>9} {'RSS before MiB':>14} {'peak growth MiB':>15} {'rows/s vs small':>15}")
-    first = None
-    for size in sizes:
-        child = subprocess.run(
-            [sys.executable, __file__, "--scale-child", str(size), "--realdata", str(args.realdata), "--repeats", str(repeats)], capture_output=True, text=True, check=True
-        )
-        r = json.loads(child.stdout.strip().splitlines()[-1])
-        rate = r["rows"] / r["seconds"]
-        first = first or rate
-        split = "/".join(f"{s:.2f}" for s in r["split"])
-        print(
-            f"{r['rows']:>9,} {rate:>9,.0f} {r['seconds']:>8.2f} {split:>18} {r['key_seconds']:>10.2f} {r['duplicates']:>9,} "
-            f"{r['index_bytes'] / 2**20:>9.1f} {r['rss_before'] / 2**20:>14.0f} {(r['peak_rss'] - r['rss_before']) / 2**20:>15.0f} {rate / first:>15.2f}"
-        )
+    print(f"\nscaling, numpy backend end to end, each size and batch size in a fresh process, median of {repeats} "
+          f"({sizes[0] // 10:,} / {sizes[1] // 10:,} real rows × 10 perturbed copies):")
+    print(f"{'rows':>9} {'batch':>7} {'rows/s':>9} {'seconds':>8} {'key/shingle/hash/lsh':>23} {'dup rows':>9} {'index MiB':>9} {'RSS before MiB':>14} {'peak growth MiB':>15} {'rows/s vs small':>15}")
+    for batch in (4_096, 52_000):
+        first = None
+        for size in sizes:
+            child = subprocess.run(
+                [sys.executable, __file__, "--scale-child", str(size), "--batch", str(batch), "--realdata", str(args.realdata), "--repeats", str(repeats)],
+                capture_output=True, text=True, check=True,
+            )
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            rate = r["rows"] / r["seconds"]
+            first = first or rate
+            split = "/".join(f"{s:.2f}" for s in [r["key_seconds"], *r["split"]])
+            print(
+                f"{r['rows']:>9,} {batch:>7,} {rate:>9,.0f} {r['seconds']:>8.2f} {split:>23} {r['duplicates']:>9,} "
+                f"{r['index_bytes'] / 2**20:>9.1f} {r['rss_before'] / 2**20:>14.0f} {(r['peak_rss'] - r['rss_before']) / 2**20:>15.0f} {rate / first:>15.2f}"
+            )
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -178,7 +178,7 @@ class NearDupConfig(Section):
     shingle_unit: Literal["char", "word"] = "char"
     strip_punctuation: bool = Field(True, description="replace punctuation by spaces before shingling")
     backend: Literal["numpy", "datasketch"] = Field(
-        "numpy", description="numpy: vectorised, ≈ 30x datasketch on Alpaca (bench/dedup.py); datasketch: the reference"
+        "numpy", description="numpy: vectorised, ≈ 25x datasketch end to end on Alpaca (bench/dedup.py); datasketch: the reference"
     )
 
 

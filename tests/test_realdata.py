@@ -198,7 +198,8 @@ def test_near_duplicate_outputs(shipped, independent):
 def test_instructions_have_almost_no_near_duplicates(independent):
     # Alpaca's authors filtered similar instructions: on the prompt alone, nearly nothing.
     from posttrain.config import NearDupConfig
-    from tasks.data.dedup import NearDupIndex, near_dup_texts
+    from tasks.data.dedup import NearDupIndex
+    from tasks.data.keytext import near_dup_texts
 
     index = NearDupIndex(NearDupConfig(threshold=0.8, shingle_size=5, shingle_unit="word"))
     records = [{"prompt": prompt} for prompt, _ in independent["alpaca_survivors"]]

@@ -57,6 +57,7 @@ from tasks.data import dedup
 from tasks.data.clean import filter_batch, normalize_batch, normalize_text
 from tasks.data.decontaminate import BenchmarkIndex
 from tasks.data.ingest import generated_source, read_batches, source_type
+from tasks.data.keytext import near_dup_keys
 from tasks.data.records import ROLE_FIELDS, RULES, Origins, Removals, Row
 
 __all__ = ["RULES", "dedup_key", "normalize_text", "run", "split_order"]
@@ -101,8 +102,9 @@ class RoleStream:
                 removals.add("exact_dup", row, duplicate_of=origins.of(earlier))
         if self.near is None or not kept:
             return kept
-        texts = dedup.near_dup_texts([row.record for row in kept], self.fields, self.config.near_dup.strip_punctuation)
-        firsts = self.near.add_batch(texts, [row.row_id for row in kept])
+        near = self.config.near_dup
+        keys = near_dup_keys([row.record for row in kept], self.fields, near.strip_punctuation, collapse=near.shingle_unit == "char")
+        firsts = self.near.add_batch(keys, [row.row_id for row in kept])
         survivors = []
         for row, first in zip(kept, firsts):
             if first is None:

@@ -1,9 +1,11 @@
 """Steps 4-5 of the data stage: exact dedup on the normalised key, then streaming MinHash-LSH near-dedup.
 
-    from tasks.data.dedup import ExactIndex, NearDupIndex, near_dup_texts
+    from tasks.data.dedup import ExactIndex, NearDupIndex
+    from tasks.data.keytext import near_dup_keys
     index = NearDupIndex(config.near_dup)
-    for texts, row_ids in batches:                     # rows in reading order
-        kept_row = index.add_batch(texts, row_ids)     # None: keep; else the row it duplicates
+    for records, row_ids in batches:                   # rows in reading order
+        keys = near_dup_keys(records, fields, config.near_dup.strip_punctuation)
+        kept_row = index.add_batch(keys, row_ids)      # None: keep; else the row it duplicates
     index.clusters(), index.stats()
 
 Keep-the-first, decided once: a row is a near-duplicate when its shingle set has Jaccard >= threshold
@@ -13,13 +15,15 @@ streaming in batches gives the same answer as one batch. The union-find only eve
 under an existing root, so every find is one step and time stays linear however big a cluster grows.
 
 Backends (`NearDupConfig.backend`), both with the same semantics:
-- "numpy" (default): shingling, hashing, MinHash and LSH as whole-batch numpy operations. Words and
-  shingles are hashed with a polynomial rolling hash over the code points (a cumulative sum), MinHash
-  is 32-bit `a*x + b` over each row's shingle hashes with `np.minimum.reduceat` (unbiased, see
-  tests/tasks/test_dedup.py), and LSH band keys live in sorted arrays searched with `np.searchsorted`.
-  Per band, a row is checked against the first and the latest earlier row of its bucket only, which
-  keeps candidates linear in rows; verification keeps every row's 32-bit shingle hashes (≈ 4 bytes
-  per shingle) and computes exact Jaccard for all candidate pairs of a batch in one sort.
+- "numpy" (default): shingling, hashing, MinHash and LSH as whole-batch numpy operations, straight
+  from the code points that keytext.near_dup_keys makes (no per-row string). Words and shingles are
+  hashed with a polynomial rolling hash over the code points (a cumulative sum), MinHash is the
+  32-bit multiply `a*x` over each row's shingle hashes with `np.minimum.reduceat` (unbiased, see
+  tests/tasks/test_dedup.py), and LSH band keys live in sorted runs (a log-structured merge) with a
+  directory over their top bits for lookups. Per band, a row is checked against the first and the
+  latest earlier row of its bucket only, which keeps candidates linear in rows; verification keeps
+  every row's 32-bit shingle hashes (≈ 4 bytes per shingle) and computes exact Jaccard for all
+  candidate pairs of a batch in one sort.
 - "datasketch": the reference (Python shingle sets, `datasketch.MinHash`, `MinHashLSH`, every bucket
   member is a candidate). bench/dedup.py measures both, and rensa, on Alpaca.
 Both use datasketch's (bands, rows) choice for the threshold. Deterministic across processes: no
@@ -29,7 +33,6 @@ Python `hash()` anywhere (it is salted per process); the constants come from a f
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from array import array
 from collections.abc import Iterator
@@ -39,6 +42,7 @@ from itertools import pairwise
 import numpy as np
 
 from posttrain.config import NearDupConfig
+from tasks.data.keytext import KeyCodes, collapse_spaces
 from tasks.data.records import RESPONSE_ALIAS, ROLE_FIELDS
 
 # ----------------------------------------------------------------------------- keys and exact dedup
@@ -69,61 +73,6 @@ class ExactIndex:
 
     def __len__(self) -> int:
         return len(self._first)
-
-
-_PUNCTUATION = re.compile(r"[^\w\s]")
-_WHITESPACE = re.compile(r"\s+")
-
-
-def near_dup_text(record: dict, fields: list[str], strip_punctuation: bool) -> str:
-    text = "\n".join(record[name] for name in fields).lower()
-    if strip_punctuation:
-        # "REVERSE  abc." and "reverse: abc?" are the same request; without this, char shingles on
-        # such short rows share too few n-grams to reach any useful threshold.
-        text = _WHITESPACE.sub(" ", _PUNCTUATION.sub(" ", text)).strip()
-    return text
-
-
-def _ascii_table() -> bytes:
-    # What near_dup_text does to each ASCII character: letters are lower-cased, \w kept, whitespace
-    # (\x1c-\x1f included, as `re` counts them) and everything else becomes a space; the runs of spaces
-    # are collapsed afterwards. \x01 is kept as the row separator (texts containing it take the slow path).
-    table = bytearray(b" " * 256)
-    for code in range(256):
-        if re.fullmatch(r"\w", chr(code)):
-            table[code] = ord(chr(code).lower())
-    table[1] = 1
-    return bytes(table)
-
-
-_ASCII_TABLE = _ascii_table()
-_ASCII_WORD = np.frombuffer(_ASCII_TABLE, dtype=np.uint8) > 0x20  # what survives the table as a word byte
-
-
-def near_dup_texts(records: list[dict], fields: list[str], strip_punctuation: bool) -> list[str]:
-    """`near_dup_text` for a batch, equal row for row, ≈ 3× faster on Alpaca: the ASCII rows are
-    cleaned together, one `bytes.translate` and a few numpy passes instead of two regexes per row."""
-    if len(fields) == 1:
-        texts = [record[fields[0]] for record in records]
-    else:
-        texts = ["\n".join([record[name] for name in fields]) for record in records]
-    if not strip_punctuation:
-        return [text.lower() for text in texts]
-    fast = [text.isascii() and "\x01" not in text for text in texts]
-    cleaned = np.frombuffer("\x01".join([t for t, ok in zip(texts, fast) if ok]).encode("ascii").translate(_ASCII_TABLE), dtype=np.uint8)
-    # Collapse each run of spaces to one, and drop it at the start or end of a row (next to \x01).
-    is_space = cleaned == 0x20
-    starts, ends = is_space.copy(), is_space.copy()
-    starts[1:] &= ~is_space[:-1]
-    ends[:-1] &= ~is_space[1:]
-    run_start, run_end = np.flatnonzero(starts), np.flatnonzero(ends) + 1  # [start, end) of each run
-    word = _ASCII_WORD[cleaned]
-    inner = (run_start > 0) & (run_end < len(cleaned))
-    inner[inner] &= word[run_start[inner] - 1] & word[np.minimum(run_end[inner], len(cleaned) - 1)]
-    keep = ~is_space
-    keep[run_start[inner]] = True
-    rows = iter(cleaned[keep].tobytes().decode("ascii").split("\x01"))
-    return [next(rows) if ok else near_dup_text({"t": text}, ["t"], True) for text, ok in zip(texts, fast)]
 
 
 def shingles(text: str, size: int, unit: str) -> set[str]:
@@ -176,7 +125,7 @@ _BASE = int(_rng.integers(1 << 62, 1 << 63)) | 1  # polynomial hash base; odd, s
 _LENGTH_SALT = _U64(int(_rng.integers(1 << 62, 1 << 63)) | 1)  # "ab" + "" vs "a" + "b": spans differ in length
 _WORD_WEIGHTS = _rng.integers(1 << 62, 1 << 63, size=64, dtype=np.int64).astype(_U64) | _U64(1)
 _PERM_A = _rng.integers(0, 1 << 32, size=1024, dtype=np.int64).astype(np.uint32) | np.uint32(1)
-_PERM_B = _rng.integers(0, 1 << 32, size=1024, dtype=np.int64).astype(np.uint32)
+_PERM_B = _rng.integers(0, 1 << 32, size=1024, dtype=np.int64).astype(np.uint32)  # unused: keeps the later draws unchanged
 _BAND_WEIGHTS = _rng.integers(1 << 62, 1 << 63, size=1024, dtype=np.int64).astype(_U64) | _U64(1)
 # Python's str.split() whitespace (all of it lies below U+3001), as a lookup table over code points.
 _SPACE = np.array([chr(code).isspace() for code in range(0x3002)])
@@ -229,20 +178,14 @@ class _Powers:
         return self.forward, self.inverse
 
 
-def _chunks(texts: list[str]) -> Iterator[tuple[int, int]]:
-    lengths = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+def _chunks(lengths: np.ndarray) -> Iterator[tuple[int, int]]:
+    ends = np.cumsum(lengths + 1)
     lo = 0
-    while lo < len(texts):
-        base = lengths[lo - 1] if lo else 0
-        hi = max(int(np.searchsorted(lengths, base + _CHUNK_CHARS, side="right")), lo + 1)
+    while lo < len(lengths):
+        base = ends[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(ends, base + _CHUNK_CHARS, side="right")), lo + 1)
         yield lo, hi
         lo = hi
-
-
-def _code_points(text: str) -> np.ndarray:
-    if text.isascii():
-        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 def _span_hash(prefix: np.ndarray, inverse: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -250,27 +193,34 @@ def _span_hash(prefix: np.ndarray, inverse: np.ndarray, start: np.ndarray, end: 
     return _mix64((prefix[end] - prefix[start]) * inverse[start] + (end - start).astype(_U64) * _LENGTH_SALT)
 
 
-def shingle_hashes(texts: list[str], size: int, unit: str, powers: _Powers | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each text's shingles as 32-bit hashes (flat, uint32, in text order, repeats kept) and the count per text.
+def shingle_hashes(keys: KeyCodes | list[str], size: int, unit: str, powers: _Powers | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shingles as 32-bit hashes (flat, uint32, in row order, repeats kept) and the count per row.
 
-    The same sets as `shingles()` (words split like str.split, a text shorter than one shingle is one
-    shingle), hashed instead of materialised: 32 bits are plenty to compare two rows' sets. Repeats
-    are not removed here (MinHash ignores them); exact_jaccard removes them for the few rows it sees."""
+    The same sets as `shingles()` of each text (words split like str.split, a text shorter than one
+    shingle is one shingle), hashed instead of materialised: 32 bits are plenty to compare two rows'
+    sets. Repeats are not removed here (MinHash ignores them); exact_jaccard removes them for the few
+    rows it sees. Every hash is odd, so the multiply-only permutations of minhash_signatures never
+    map one to 0."""
+    keys = keys if isinstance(keys, KeyCodes) else KeyCodes.from_texts(keys)
     powers = powers or _Powers()
     flat, counts = [], []
-    for lo, hi in _chunks(texts):
-        chunk = texts[lo:hi]
-        codes = _code_points(" ".join(chunk))  # the space ends the last word of each row
-        lengths = np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk))
-        row_end = np.cumsum(lengths + 1) - 1
-        row_start = row_end - lengths
+    key_starts = keys.starts
+    for lo, hi in _chunks(keys.lengths):
+        begin = int(key_starts[lo])
+        lengths = keys.lengths[lo:hi]
+        row_start = key_starts[lo:hi] - begin
+        row_end = row_start + lengths  # each row is followed by one space, which ends its last word
+        codes = keys.codes[begin : begin + int(row_end[-1]) + 1]
         forward, inverse = powers.upto(len(codes) + 1)
         prefix = np.zeros(len(codes) + 1, dtype=_U64)
         np.cumsum(codes * forward[: len(codes)], out=prefix[1:])  # wraps mod 2**64, as intended
 
         if unit == "word":
             edges = np.zeros(len(codes) + 2, dtype=bool)  # word chars, padded by a non-word at each end
-            edges[1:-1] = ~(_SPACE[codes] if codes.dtype == np.uint8 else _SPACE[np.minimum(codes, len(_SPACE) - 1)])
+            if keys.spaces_normalised:
+                edges[1:-1] = codes != 0x20
+            else:
+                edges[1:-1] = ~(_SPACE[codes] if codes.dtype == np.uint8 else _SPACE[np.minimum(codes, len(_SPACE) - 1)])
             flips = np.flatnonzero(edges[1:] != edges[:-1])  # alternately a word's start and its end
             word_start, word_end = flips[0::2], flips[1::2]
             units = _span_hash(prefix, inverse, word_start, word_end)
@@ -299,7 +249,7 @@ def shingle_hashes(texts: list[str], size: int, unit: str, powers: _Powers | Non
             ends = starts + size
             ends[short_at] = row_end[short]
             values = _span_hash(prefix, inverse, starts, ends)
-        flat.append((values >> _U64(32)).astype(np.uint32))
+        flat.append((values >> _U64(32)).astype(np.uint32) | np.uint32(1))
         counts.append(n_shingles)
     if not flat:
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
@@ -307,7 +257,12 @@ def shingle_hashes(texts: list[str], size: int, unit: str, powers: _Powers | Non
 
 
 def minhash_signatures(hashes: np.ndarray, counts: np.ndarray, num_perm: int) -> np.ndarray:
-    """(num_perm, rows with a shingle) uint32 signatures: min over each row of a*x + b mod 2**32.
+    """(num_perm, rows with a shingle) uint32 signatures: min over each row of a*x mod 2**32, a odd.
+
+    Multiply-only: x -> a*x mod 2**32 is a bijection for odd a, and its high bits, which decide the
+    minimum, are Dietzfelbinger's multiply-shift hash of x. The inputs are already mixed 64-bit hashes
+    (odd, so never 0), and test_dedup checks that the estimate is unbiased with a binomial spread.
+    Dropping the usual "+ b" saves a third of this step.
 
     Rows are taken in segments of about 64k hashes, all permutations per segment, so the working
     set stays in the CPU cache: twice as fast as one pass over all hashes per permutation."""
@@ -321,7 +276,6 @@ def minhash_signatures(hashes: np.ndarray, counts: np.ndarray, num_perm: int) ->
         segment, at, out = hashes[begin:end], starts[lo:hi] - begin, scratch[: end - begin]
         for k in range(num_perm):
             np.multiply(segment, _PERM_A[k], out=out)
-            out += _PERM_B[k]  # without it every permutation maps hash 0 to 0, the minimum
             np.minimum.reduceat(out, at, out=signatures[k, lo:hi])
     return signatures
 
@@ -338,53 +292,89 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
+_DIRECTORY_FROM = 1 << 16  # keys; a smaller run is searched in the cache (bench: no gain from a directory below)
+
+
+class _Run:
+    """One sorted run of band keys with, per key, the first and the latest row (packed first << 32 | latest).
+
+    A directory over the top bits of the key (≈ 2 keys per slot; the keys are hashes, so uniform)
+    turns a lookup into two memory reads and a short scan, instead of a binary search whose ≈ 20
+    dependent reads mostly miss the cache once the run outgrows it."""
+
+    def __init__(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        self.keys, self.rows = keys, rows
+        self.directory = None
+        if len(keys) >= _DIRECTORY_FROM:  # a smaller run stays in the cache: binary search is cheaper than building one
+            bits = int(len(keys)).bit_length()
+            self.shift = _U64(_BAND_KEY_BITS - bits)
+            self.directory = np.zeros((1 << bits) + 1, dtype=np.int32)
+            np.cumsum(np.bincount((keys >> self.shift).astype(np.int64), minlength=1 << bits), out=self.directory[1:])
+
+    def find(self, queries: np.ndarray) -> np.ndarray:
+        """Index of each query key in this run, or -1."""
+        if self.directory is None:
+            at = np.minimum(np.searchsorted(self.keys, queries), len(self.keys) - 1)
+            return np.where(self.keys[at] == queries, at, -1)
+        slot = (queries >> self.shift).astype(np.int64)
+        at, end = self.directory[slot], self.directory[slot + 1]
+        last = len(self.keys) - 1
+        scanning = np.flatnonzero(at < end)
+        while len(scanning):  # within a slot the keys are sorted: step past the smaller ones
+            step = self.keys[np.minimum(at[scanning], last)] < queries[scanning]
+            scanning = scanning[step]
+            at[scanning] += 1
+            scanning = scanning[at[scanning] < end[scanning]]
+        hit = (at < end) & (self.keys[np.minimum(at, last)] == queries)
+        return np.where(hit, at, -1)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.rows.nbytes + (0 if self.directory is None else self.directory.nbytes)
+
+
 class _BucketRuns:
     """LSH buckets as sorted runs: per band key, the first and the latest row that had it.
 
     A batch becomes a new run; the newest two runs merge while the older is at most twice the newer
-    (a log-structured merge: O(log n) runs, each entry merged O(log n) times). Keeping only the first
-    and latest row per key bounds a bucket's cost however many rows share it."""
+    (a log-structured merge: O(log n) runs, each entry merged O(log n) times; the merge itself is a
+    stable sort of two concatenated sorted runs, which numpy's timsort does in one linear pass).
+    Keeping only the first and latest row per key bounds a bucket's cost however many rows share it."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # keys, first row, latest row
+        self.runs: list[_Run] = []  # oldest first
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """First and latest earlier row for each (sorted, unique) key; -1 where none."""
         first = np.full(len(keys), -1, dtype=np.int64)
         latest = np.full(len(keys), -1, dtype=np.int64)
-        for run_keys, run_first, run_latest in self.runs:  # oldest first
-            at = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
-            hit = run_keys[at] == keys
-            first = np.where((first < 0) & hit, run_first[at], first)
-            latest = np.where(hit, run_latest[at], latest)
+        for run in self.runs:
+            at = run.find(keys)
+            hit = at >= 0
+            rows = run.rows[at[hit]]
+            first[hit] = np.where(first[hit] < 0, rows >> 32, first[hit])
+            latest[hit] = rows & 0xFFFFFFFF
         return first, latest
 
     def add(self, keys: np.ndarray, first: np.ndarray, latest: np.ndarray) -> None:
         if len(keys) == 0:
             return
-        self.runs.append((keys, first.astype(np.int32), latest.astype(np.int32)))
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
-            newer, older = self.runs.pop(), self.runs.pop()
-            # Merge two sorted runs in linear time: a newer entry goes after the older entries with its key.
-            at = np.searchsorted(older[0], newer[0], side="right") + np.arange(len(newer[0]))
-            from_newer = np.zeros(len(older[0]) + len(newer[0]), dtype=bool)
-            from_newer[at] = True
-            merged = []
-            for old_part, new_part in zip(older, newer):
-                part = np.empty(len(from_newer), dtype=old_part.dtype)
-                part[at] = new_part
-                part[~from_newer] = old_part
-                merged.append(part)
-            keys, first_rows, latest_rows = merged
-            repeated = keys[1:] == keys[:-1]
-            if repeated.any():  # a key in both runs: keep the older first row and the newer latest row
-                head = np.concatenate([[True], ~repeated])
-                tail = np.concatenate([~repeated, [True]])
-                keys, first_rows, latest_rows = keys[head], first_rows[head], latest_rows[tail]
-            self.runs.append((keys, first_rows, latest_rows))
+        rows = first.astype(np.int64) << 32 | latest.astype(np.int64)
+        while self.runs and len(self.runs[-1].keys) <= 2 * len(keys):
+            older = self.runs.pop()
+            merged_keys = np.concatenate([older.keys, keys])
+            order = np.argsort(merged_keys, kind="stable")  # two sorted runs: timsort merges them linearly
+            merged_keys, merged_rows = merged_keys[order], np.concatenate([older.rows, rows])[order]
+            repeated = np.flatnonzero(merged_keys[1:] == merged_keys[:-1])  # a key in both: older entry first
+            if len(repeated):  # keep the older first row and the newer latest row
+                merged_rows[repeated] = (merged_rows[repeated] & ~0xFFFFFFFF) | (merged_rows[repeated + 1] & 0xFFFFFFFF)
+                keep = np.ones(len(merged_keys), dtype=bool)
+                keep[repeated + 1] = False
+                merged_keys, merged_rows = merged_keys[keep], merged_rows[keep]
+            keys, rows = merged_keys, merged_rows
+        self.runs.append(_Run(keys, rows))
 
     def nbytes(self) -> int:
-        return sum(array.nbytes for run in self.runs for array in run)
+        return sum(run.nbytes() for run in self.runs)
 
 
 class _Growable:
@@ -458,16 +448,24 @@ class NearDupIndex:
             self._lsh = MinHashLSH(num_perm=config.num_perm, params=(self.bands, self.band_rows))
             self._sets: list[set[str]] = []
 
-    def add_batch(self, texts: list[str], row_ids: list[int]) -> list[int | None]:
-        """Per text: the row_id of the kept first row of the cluster it joins, or None (kept)."""
-        if len(texts) != len(row_ids):
-            raise ValueError(f"NearDupIndex.add_batch: {len(texts)} texts but {len(row_ids)} row ids")
+    def add_batch(self, keys: KeyCodes | list[str], row_ids: list[int]) -> list[int | None]:
+        """Per row: the row_id of the kept first row of the cluster it joins, or None (kept).
+
+        `keys`: the rows' key texts (keytext.near_dup_keys, or plain strings taken as they are)."""
+        if len(keys) != len(row_ids):
+            raise ValueError(f"NearDupIndex.add_batch: {len(keys)} texts but {len(row_ids)} row ids")
+        if self.config.backend == "datasketch":
+            keys = keys.texts() if isinstance(keys, KeyCodes) else keys
+        elif not isinstance(keys, KeyCodes):
+            keys = KeyCodes.from_texts(keys)
+        elif self.config.shingle_unit == "char" and not keys.collapsed:
+            keys = collapse_spaces(keys)  # runs of spaces would change char shingles
         most = (1 << _POSITION_BITS) // self.bands  # entry positions must fit the low bits of a sort key
-        if len(texts) > most:
-            return [kept for lo in range(0, len(texts), most) for kept in self.add_batch(texts[lo : lo + most], row_ids[lo : lo + most])]
+        if len(keys) > most:
+            return [kept for lo in range(0, len(keys), most) for kept in self.add_batch(keys[lo : lo + most], row_ids[lo : lo + most])]
         first_id = len(self._row_ids)
         self._row_ids.extend(row_ids)
-        new, old = self._pairs_numpy(texts, first_id) if self.config.backend == "numpy" else self._pairs_datasketch(texts, first_id)
+        new, old = self._pairs_numpy(keys, first_id) if self.config.backend == "numpy" else self._pairs_datasketch(keys, first_id)
         started = time.perf_counter()
         parent = self._parent
         for row, earlier in zip(new.tolist(), old.tolist()):  # sorted by row, so `earlier` is final
@@ -477,11 +475,11 @@ class NearDupIndex:
         self._counts["verified_pairs"] += len(new)
         self._seconds["lsh_seconds"] += time.perf_counter() - started
         ids = self._row_ids
-        return [None if (root := parent.get(i)) is None else ids[root] for i in range(first_id, first_id + len(texts))]
+        return [None if (root := parent.get(i)) is None else ids[root] for i in range(first_id, first_id + len(keys))]
 
-    def _pairs_numpy(self, texts: list[str], first_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def _pairs_numpy(self, keys: KeyCodes, first_id: int) -> tuple[np.ndarray, np.ndarray]:
         config, started = self.config, time.perf_counter()
-        hashes, counts = shingle_hashes(texts, config.shingle_size, config.shingle_unit, self._powers)
+        hashes, counts = shingle_hashes(keys, config.shingle_size, config.shingle_unit, self._powers)
         hashed = time.perf_counter()
         signatures = minhash_signatures(hashes, counts, self.bands * self.band_rows)
         keys = band_keys(signatures, self.bands, self.band_rows)

@@ -26,11 +26,10 @@ from tasks.data.dedup import (
     has_shingles,
     lsh_bands,
     minhash_signatures,
-    near_dup_text,
-    near_dup_texts,
     shingle_hashes,
     shingles,
 )
+from tasks.data.keytext import near_dup_texts
 
 REPO = Path(__file__).resolve().parents[2]
 ALPACA = REPO.parent / "shared" / "realdata" / "alpaca" / "alpaca_data.json.gz"
@@ -74,18 +73,6 @@ def test_shingle_hashes_are_the_python_shingle_sets(unit, size):
     assert measured == pytest.approx([jaccard(texts[a], texts[b], size, unit) for a, b in zip(left, right)], abs=1e-12)
 
 
-def test_near_dup_texts_equals_near_dup_text_row_for_row():
-    rng = random.Random(0)
-    alphabet = list("Ab,. ;!?\t\n_-x9") + ["\x01", "\x1f", "\x7f", "é", "’", "—", "\u00a0", "\u3000", "Ⅸ"]
-    records = [
-        {"prompt": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))), "response": rng.choice(["Ok.", "", "a\x01b"])}
-        for _ in range(3000)
-    ]
-    for strip in (True, False):
-        for fields in (["prompt"], ["prompt", "response"]):
-            assert near_dup_texts(records, fields, strip) == [near_dup_text(r, fields, strip) for r in records]
-
-
 def test_lsh_bands_are_datasketchs_choice():
     from datasketch.lsh import _optimal_param
 
@@ -96,7 +83,7 @@ def test_lsh_bands_are_datasketchs_choice():
 
 
 def test_minhash_agreement_estimates_jaccard_without_bias():
-    """The 32-bit a*x+b permutations: the fraction of equal signature entries averages the true
+    """The 32-bit multiply-only permutations: the fraction of equal signature entries averages the true
     Jaccard, with the spread of independent permutations (binomial)."""
     rng = random.Random(1)
     sources = [vocabulary_text(rng, 120) for _ in range(600)]
