@@ -244,7 +244,9 @@ class LoraConfig(Section):
 
 class SftConfig(Section):
     seed: int | None = Field(None, description="null: the pipeline's top-level seed")
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="qlora: LoRA on a 4-bit NF4 copy of the base (bitsandbytes; needs a CUDA GPU), merged into the full-precision base"
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     max_steps: int = Field(2500, ge=1)
     batch_size: int = Field(64, ge=1)

@@ -23,7 +23,7 @@ from posttrain.artifacts import Artifact
 from posttrain.benchmarks import exact_match
 from posttrain.config import EvaluateConfig
 from posttrain.jsonl import read_jsonl
-from posttrain.models import load_causal_lm, load_tokenizer, quiet_bitsandbytes
+from posttrain.models import load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes
 
 
 def model_folders(inputs: dict[str, Artifact]) -> dict[str, Path]:
@@ -66,7 +66,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 def score_model(folder: Path, benchmarks: dict[str, list[dict]], config: EvaluateConfig) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(folder)
     with quiet_bitsandbytes():  # bitsandbytes logs once per matmul on CPU
-        model = load_causal_lm(folder)
+        # Every model on the same device: left without a device_map, a plain model loads on the CPU while
+        # transformers puts a bitsandbytes one on the GPU, so on a GPU machine only the quantized
+        # variants were scored there.
+        model = load_causal_lm(folder, device_map={"": pick_device("auto")})
         model.eval()
         scores: dict = {}
         samples: list[dict] = []

@@ -5,6 +5,10 @@
 
 Full fine-tuning by default; `method: lora` trains a peft LoRA adapter and merges it into the
 weights before saving, so every later stage receives a plain model folder whatever the method.
+`method: qlora` trains the same adapter on a 4-bit NF4 copy of the base (bitsandbytes, double
+quantization, bf16 compute where the GPU has it) and merges it into the full-precision base, as the
+QLoRA recipe does: the 4-bit copy only saves memory while training. It needs a CUDA GPU (the
+bitsandbytes CPU build has no 4-bit backward; bench/gpu_check.sh ran it on an H200).
 Loss is on completion tokens only (prompt-completion dataset built by posttrain.formatting).
 """
 
@@ -20,9 +24,9 @@ from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
 from posttrain.jsonl import read_jsonl
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
 from posttrain.scoring import completion_scores
-from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, use_bf16, write_loss_history
 
 
 def _lora_config(config: SftConfig):
@@ -37,6 +41,38 @@ def _lora_config(config: SftConfig):
     )
 
 
+def load_trainable_model(config: SftConfig, base_dir: Path):
+    """The base as the method trains it: float32, or 4-bit NF4 on the GPU for qlora."""
+    if config.method != "qlora":
+        return load_causal_lm(base_dir, dtype="float32")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ValueError("sft.method qlora needs a CUDA GPU (bitsandbytes has no 4-bit backward on the CPU); use sft.method lora here")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16() else torch.float16,
+    )
+    with quiet_bitsandbytes():
+        return load_causal_lm(base_dir, dtype="float32", quantization_config=quantization, device_map={"": pick_device("auto")})
+
+
+def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
+    """The trained adapter merged into a float32 copy of the base (the 4-bit weights only served training)."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = {name: value.detach().to("cpu", torch.float32) for name, value in get_peft_model_state_dict(peft_model).items()}
+    full = get_peft_model(load_causal_lm(base_dir, dtype="float32"), _lora_config(config))
+    loaded = set_peft_model_state_dict(full, adapter)
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"sft qlora: adapter weights that the full-precision model lacks: {loaded.unexpected_keys[:3]}")
+    return full.merge_and_unload()
+
+
 def completion_loss(model, tokenizer, records: list[dict], max_length: int) -> float:
     """Mean cross-entropy per completion token on held-out rows: the stage's own quality figure."""
     examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
@@ -47,7 +83,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     seed = config.seed if config.seed is not None else 0
     base_dir, data_dir = inputs["base"].path, inputs["data"].path
     tokenizer = load_tokenizer(base_dir)
-    model = load_causal_lm(base_dir, dtype="float32")
+    model = load_trainable_model(config, base_dir)
     train_records = read_jsonl(data_dir / "instruction" / "train.jsonl")
     eval_records = read_jsonl(data_dir / "instruction" / "eval.jsonl")[: config.eval_rows]
     if not train_records:
@@ -76,7 +112,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=_lora_config(config) if config.method == "lora" else None,
+        peft_config=_lora_config(config) if config.method in ("lora", "qlora") else None,
         callbacks=[progress],
     )
     quiet(trainer)
@@ -86,6 +122,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     trained = trainer.model
     if config.method == "lora":
         trained = trained.merge_and_unload()  # downstream stages get a plain model folder
+    elif config.method == "qlora":
+        trained = merge_into_full_precision(trained, base_dir, config)
     eval_loss_after = completion_loss(trained, tokenizer, eval_records, config.max_length) if eval_records else math.nan
     save_pretrained(trained, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)
