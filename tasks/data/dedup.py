@@ -125,7 +125,7 @@ _BASE = int(_rng.integers(1 << 62, 1 << 63)) | 1  # polynomial hash base; odd, s
 _LENGTH_SALT = _U64(int(_rng.integers(1 << 62, 1 << 63)) | 1)  # "ab" + "" vs "a" + "b": spans differ in length
 _WORD_WEIGHTS = _rng.integers(1 << 62, 1 << 63, size=64, dtype=np.int64).astype(_U64) | _U64(1)
 _PERM_A = _rng.integers(0, 1 << 32, size=1024, dtype=np.int64).astype(np.uint32) | np.uint32(1)
-_PERM_B = _rng.integers(0, 1 << 32, size=1024, dtype=np.int64).astype(np.uint32)  # unused: keeps the later draws unchanged
+_rng.integers(0, 1 << 32, size=1024, dtype=np.int64)  # was MinHash's "+ b"; still drawn, so the constants below stay the same
 _BAND_WEIGHTS = _rng.integers(1 << 62, 1 << 63, size=1024, dtype=np.int64).astype(_U64) | _U64(1)
 # Python's str.split() whitespace (all of it lies below U+3001), as a lookup table over code points.
 _SPACE = np.array([chr(code).isspace() for code in range(0x3002)])
