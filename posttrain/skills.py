@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import string
-from collections import Counter
 from dataclasses import dataclass
 
 LETTERS = string.ascii_lowercase
@@ -177,7 +176,3 @@ def benchmark_items(per_skill: int, seed: int, skills: list[str] | None = None) 
             seen.add(prompt)
             items.append({"id": f"{skill}-{len(seen) - 1}", "skill": skill, "prompt": prompt, "answer": answer})
     return items
-
-
-def answer_balance(rows: list[dict], field: str = "response") -> Counter:
-    return Counter(row[field] for row in rows)
