@@ -7,9 +7,10 @@
 
 `prepare` runs base, benchmarks and data through posttrain.runner.execute_stage (the data stage
 needs Great Expectations, which the GPU image lacks) and writes `<store>/prepared.json` naming the
-three artifact folders. `train` loads those folders and runs sft, reward, align-dpo, distill,
-quantize and evaluate in this process, wired as flows/pipeline.py wires them (same inputs, same
-seeds), publishing into the same store. It prints and writes (JSON, and Markdown beside it) the
+three artifact folders. `train` loads those folders and runs the remaining steps of flows/plan.py
+(sft, reward, align-*, distill, quantize, evaluate) in this process, with the same inputs and
+seeds as the flow, publishing into the same store. The training stages run their tokenized data
+contracts, so the GPU machine needs Great Expectations too (carry its wheels). It prints and writes (JSON, and Markdown beside it) the
 device, the library versions, per-stage seconds, tokens/s, peak CUDA memory, the device each
 evaluated model generated on, and the evaluate table. A failed stage is recorded and the stages
 that do not need it still run; the exit status is 1 if any stage failed.
@@ -36,6 +37,7 @@ from posttrain.env import configure_environment
 
 configure_environment()
 
+from flows.plan import plan
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import load_config
 from posttrain.runner import execute_stage
@@ -56,10 +58,6 @@ KEY_METRICS = (
 )
 
 
-def _with_seed(section, seed: int):
-    return section if section.seed is not None else section.model_copy(update={"seed": seed})
-
-
 def _rel(path: Path) -> str:
     path = Path(path).resolve()
     try:
@@ -76,21 +74,16 @@ def _metric_subset(metrics: dict) -> dict:
 
 
 def prepare(args) -> None:
-    import tasks.base
-    import tasks.benchmarks
-    import tasks.data
-    from flows.pipeline import DATA_CONTRACT_FILES
-
     cfg = load_config(args.config, args.set)
     store = Store(Path(args.store).resolve())
-    base = execute_stage("base", tasks.base, _with_seed(cfg.model, cfg.seed), {}, store, cfg.seed)
-    bench = execute_stage("benchmarks", tasks.benchmarks, cfg.benchmarks, {}, store, cfg.seed)
-    data = execute_stage(
-        "data", tasks.data, cfg.data, {"base": base.artifact, "benchmarks": bench.artifact}, store, cfg.seed,
-        extra_source_files=DATA_CONTRACT_FILES,
-    )
+    steps = {step.name: step for step in plan(cfg)}
+    outcomes: dict = {}
+    for name in ("base", "benchmarks", "data"):
+        step = steps[name]
+        inputs = {key: outcomes[source].artifact for key, source in step.inputs.items()}
+        outcomes[name] = execute_stage(name, step.module, step.section, inputs, store, cfg.seed)
     prepared = {}
-    for name, outcome in (("base", base), ("benchmarks", bench), ("data", data)):
+    for name, outcome in outcomes.items():
         prepared[name] = _rel(outcome.artifact.path)
         print(f"{name}: {'cached' if outcome.cache_hit else f'built in {outcome.seconds:.1f}s'} -> {prepared[name]}")
     (Path(args.store) / PREPARED).write_text(json.dumps(prepared, indent=2))
@@ -102,7 +95,7 @@ def prepare(args) -> None:
 def device_info() -> dict:
     import torch
 
-    from posttrain.fingerprint import library_versions
+    from posttrain.closure import environment_versions
     from posttrain.training import use_bf16
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
@@ -125,19 +118,14 @@ def device_info() -> dict:
         except Exception as exc:  # noqa: BLE001 - informational only
             info["driver"] = f"unknown ({exc})"
     info["trainer_bf16"] = use_bf16()
-    info["versions"] = library_versions()
+    info["versions"] = environment_versions(["torch", "transformers", "trl", "peft", "accelerate", "tokenizers", "datasets", "bitsandbytes"])
     return info
 
 
 def train(args) -> None:
     import torch
 
-    import tasks.distill
     import tasks.evaluate
-    import tasks.quantize
-    import tasks.reward
-    import tasks.sft
-    from tasks.align import dpo
 
     started_all = time.perf_counter()
     cfg = load_config(args.config, args.set)
@@ -161,7 +149,7 @@ def train(args) -> None:
         report["stages"][name] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         save_report()
 
-    def stage(name: str, module, section, inputs: dict[str, str], alias: str | None = None) -> Artifact | None:
+    def stage(name: str, module: str, section, inputs: dict[str, str], alias: str | None = None) -> Artifact | None:
         label = alias or name
         missing = [source for source in inputs.values() if source not in artifacts]
         if missing:
@@ -206,19 +194,11 @@ def train(args) -> None:
     tasks.evaluate.generate_answers = generate_answers_spy
     report["evaluate_devices"] = evaluate_devices
 
-    seed = cfg.seed
-    stage("sft", tasks.sft, _with_seed(cfg.sft, seed), {"base": "base", "data": "data"})
-    stage("reward", tasks.reward, _with_seed(cfg.reward, seed), {"init": cfg.reward.init_from, "data": "data"})
-    aligned = []
-    for method in cfg.align.methods:
-        section = _with_seed({"dpo": cfg.align.dpo}[method], seed)
-        if stage(f"align-{method}", {"dpo": dpo}[method], section, {"sft": "sft", "data": "data"}) is not None:
-            aligned.append(f"align-{method}")
-    stage("distill", tasks.distill, _with_seed(cfg.distill, seed), {"teacher": cfg.distill.teacher, "data": "data"})
-    quantize_source = "distill" if cfg.quantize.source == "student" else cfg.quantize.source
-    stage("quantize", tasks.quantize, _with_seed(cfg.quantize, seed), {"source": quantize_source, "data": "data"})
-    models = {"base": "base", "sft": "sft", **{name: name for name in aligned}, "student": "distill", "quantize": "quantize"}
-    stage("evaluate", tasks.evaluate, cfg.evaluate, {"benchmarks": "benchmarks", **{k: v for k, v in models.items() if v in artifacts}})
+    steps = {step.name: step for step in plan(cfg)}
+    for step in plan(cfg):
+        if step.name not in ("base", "benchmarks", "data"):
+            inputs = {key: source for key, source in step.inputs.items() if step.name != "evaluate" or source in artifacts}
+            stage(step.name, step.module, step.section, inputs)
 
     if args.probe_steps:
         elapsed = time.perf_counter() - started_all
@@ -228,8 +208,8 @@ def train(args) -> None:
         else:
             for method in ("lora", "qlora"):
                 label = f"sft-{method}"
-                section = _with_seed(cfg.sft, seed).model_copy(update={"method": method, "max_steps": args.probe_steps})
-                if stage("sft", tasks.sft, section, {"base": "base", "data": "data"}, alias=label) is not None:
+                section = steps["sft"].section.model_copy(update={"method": method, "max_steps": args.probe_steps})
+                if stage("sft", "tasks.sft", section, {"base": "base", "data": "data"}, alias=label) is not None:
                     try:
                         report["stages"][label]["scores"] = score_folder(artifacts[label].path, artifacts, cfg)
                     except Exception as exc:  # noqa: BLE001

@@ -10,7 +10,6 @@ with each run's wall time and its ratio to the cold run.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from posttrain.runs import find_run  # noqa: E402
 
 
 def timed_run(config: str, root: Path, *overrides: str) -> tuple[float, dict]:
@@ -27,9 +29,7 @@ def timed_run(config: str, root: Path, *overrides: str) -> tuple[float, dict]:
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     seconds = time.perf_counter() - started
-    run_name = Path(config).stem
-    record = json.loads((root / "runs" / run_name / "run.json").read_text())
-    return seconds, record
+    return seconds, find_run(root, Path(config).stem)
 
 
 def main() -> None:

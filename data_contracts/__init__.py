@@ -8,6 +8,10 @@
     reward_tokenized.json    data -> reward    pairs at reward.max_length (longer pairs are dropped)
     dpo_tokenized.json       data -> dpo       pairs at align.dpo.max_length (longer pairs are truncated)
 
+The *_clean suites run in the data stage; each *_tokenized suite runs in the stage it names,
+before that stage's first training step (`tokenized.check_instruction_rows` and
+`check_preference_rows`), so a stage's max_length is part of that stage's cache key only.
+
 `frames` turns records (or token counts) into the frame a suite expects; `check.ContractRun` runs
 suites and builds Data Docs; `check.validate` runs one suite and raises `ContractViolation` on a
 failed critical expectation. Suites are data: to tighten a contract, edit its JSON (every
@@ -28,11 +32,14 @@ from data_contracts.frames import (
     sft_frame,
     tokenized_frame,
 )
+from data_contracts.tokenized import check_instruction_rows, check_preference_rows
 
 __all__ = [
     "CleanFrameBuilder",
     "ContractRun",
     "ContractViolation",
+    "check_instruction_rows",
+    "check_preference_rows",
     "clean_frame",
     "load_suite",
     "preference_frame",

@@ -9,8 +9,8 @@ included) instead of on samples or chunks.
     builder.add(record, "train")                          # for each output row
     validate(builder.frame(), "instruction_clean", out_dir)
 
-    sft_frame(prompt_tokens, completion_tokens, max_length)          # numpy arrays of counts
-    preference_frame(prompt, chosen, rejected, common, max_length, overlong="dropped")
+    sft_frame(*instruction_tokens(tokenizer, records), max_length)               # numpy arrays of counts
+    preference_frame(*preference_tokens(tokenizer, pairs), max_length, overlong="dropped")
 
 Clean frame columns: `<field>_chars` (null when the field is missing or not a string),
 `<field>_control_chars`, `<field>_padded` (leading/trailing whitespace), `text_chars` (prompt +
@@ -23,13 +23,14 @@ Pure pandas/numpy (a tokenizer only for `tokenized_frame`); no Great Expectation
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from array import array
 
 import numpy as np
 import pandas as pd
 
-from posttrain.formatting import IGNORE_INDEX, encode_example
+from posttrain.formatting import completion_text, prompt_text, token_ids
 
 DEDUP_KEY_SEPARATOR = "\x1f"  # unit separator: cannot occur in normalised text, so keys never collide by joining
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # what normalisation removes (\n stays)
@@ -166,21 +167,28 @@ def preference_frame(
     )
 
 
-def token_counts(records: list[dict], tokenizer) -> dict[str, np.ndarray]:
-    """Reference counts for `sft_frame`, row by row through the trainers' own encode_example."""
-    prompts, completions = [], []
-    for record in records:
-        encoded = encode_example(tokenizer, record["prompt"], record["response"], max_length=10**9)
-        labels = encoded["labels"]
-        prompts.append(sum(label == IGNORE_INDEX for label in labels))
-        completions.append(sum(label != IGNORE_INDEX for label in labels))
-    return {"prompt": np.array(prompts, dtype=np.int64), "completion": np.array(completions, dtype=np.int64)}
+def instruction_tokens(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and completion (+ EOS) token counts of instruction records, as
+    formatting.encode_example counts them, in two batched tokenizer calls."""
+    prompts = token_ids(tokenizer, [prompt_text(record["prompt"]) for record in records])
+    completions = token_ids(tokenizer, [completion_text(record["response"]) for record in records])
+    return np.array([len(ids) for ids in prompts], dtype=np.int64), np.array([len(ids) + 1 for ids in completions], dtype=np.int64)
+
+
+def preference_tokens(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt, chosen and rejected (+ EOS) token counts of pairs, and the common prefix of the two
+    completions' ids (+ EOS): the columns preference_frame takes."""
+    prompts = token_ids(tokenizer, [prompt_text(record["prompt"]) for record in records])
+    chosen = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, [completion_text(record["chosen"]) for record in records])]
+    rejected = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, [completion_text(record["rejected"]) for record in records])]
+    common = [len(os.path.commonprefix([a, b])) for a, b in zip(chosen, rejected)]
+    as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
+    return as_array([len(ids) for ids in prompts]), as_array([len(ids) for ids in chosen]), as_array([len(ids) for ids in rejected]), as_array(common)
 
 
 def tokenized_frame(records: list[dict], tokenizer, max_length: int) -> pd.DataFrame:
-    """`sft_frame` of in-memory instruction records, counted through encode_example."""
-    counts = token_counts(records, tokenizer)
-    return sft_frame(counts["prompt"], counts["completion"], max_length)
+    """`sft_frame` of in-memory instruction records."""
+    return sft_frame(*instruction_tokens(tokenizer, records), max_length)
 
 
 __all__ = [
@@ -189,8 +197,9 @@ __all__ = [
     "clean_frame",
     "dedup_key",
     "key_digest",
+    "instruction_tokens",
     "preference_frame",
+    "preference_tokens",
     "sft_frame",
-    "token_counts",
     "tokenized_frame",
 ]

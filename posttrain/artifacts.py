@@ -7,7 +7,13 @@ Layout under the store root:
 
 A folder counts only if its manifest exists. The manifest is written inside the temporary folder
 and the folder is then renamed into place, so a crash at any point leaves either nothing or a
-complete artifact — never a half-written one that looks finished. Paths in manifests are relative.
+complete artifact — never a half-written one that looks finished. Paths in manifests are relative
+to the store root, so a store can be copied or moved.
+
+The manifest lists every file with its size, mtime and sha256. A lookup checks that the folder
+still holds exactly those files at those sizes (re-hashing only a file whose mtime moved, as a
+copy without `-a` does): an artifact edited after publishing is refused, never silently reused.
+`verify()` re-hashes everything.
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ class Artifact:
         return cls(path, json.loads((path / MANIFEST).read_text()))
 
 
-def _file_sha256(path: Path) -> str:
+class TamperedArtifact(RuntimeError):
+    """A published artifact whose files no longer match its manifest, said in one line."""
+
+
+def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -58,16 +68,65 @@ def _file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
+def _content_files(folder: Path) -> dict[str, Path]:
+    files = {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
+    files.pop(MANIFEST, None)
+    return dict(sorted(files.items()))
+
+
+def _digest_of(shas: dict[str, str]) -> str:
+    sha = hashlib.sha256()
+    for relative, file_sha in sorted(shas.items()):
+        sha.update(relative.encode() + b"\0" + file_sha.encode() + b"\n")
+    return sha.hexdigest()
+
+
 def digest_dir(folder: Path) -> str:
     """Content digest of a folder: relative paths + file hashes, manifest excluded."""
-    folder = Path(folder)
-    sha = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if relative == MANIFEST:
-            continue
-        sha.update(relative.encode() + b"\0" + _file_sha256(path).encode() + b"\n")
-    return sha.hexdigest()
+    return _digest_of({relative: file_sha256(path) for relative, path in _content_files(Path(folder)).items()})
+
+
+def file_records(folder: Path) -> dict[str, list]:
+    """{relative path: [size, mtime_ns, sha256]} of every file but the manifest."""
+    records = {}
+    for relative, path in _content_files(Path(folder)).items():
+        stat = path.stat()
+        records[relative] = [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
+    return records
+
+
+def check_files(artifact: "Artifact", rehash: bool = False) -> None:
+    """Raise TamperedArtifact unless the folder holds exactly the manifest's files, unchanged.
+
+    Cheap by default: sizes always, content only where the mtime differs from the recorded one;
+    `rehash=True` hashes every file (posttrain verify)."""
+    recorded: dict[str, list] | None = artifact.manifest.get("files")
+    where = artifact.manifest.get("path", str(artifact.path))
+    present = _content_files(artifact.path)
+    if recorded is None:  # a manifest from before files were recorded: the digest is all there is
+        if digest_dir(artifact.path) != artifact.manifest.get("digest"):
+            raise TamperedArtifact(f"{where}: content no longer matches its manifest digest; remove the folder to rebuild it")
+        return
+    problem = None
+    missing = sorted(set(recorded) - set(present))
+    extra = sorted(set(present) - set(recorded))
+    if missing:
+        problem = f"{missing[0]} is missing"
+    elif extra:
+        problem = f"{extra[0]} was added"
+    else:
+        for relative, (size, mtime_ns, sha) in recorded.items():
+            stat = present[relative].stat()
+            if stat.st_size != size:
+                problem = f"{relative} changed size ({stat.st_size:,} bytes, published with {size:,})"
+            elif (rehash or stat.st_mtime_ns != mtime_ns) and file_sha256(present[relative]) != sha:
+                problem = f"{relative} changed content (sha256 differs from the manifest)"
+            if problem:
+                break
+    if problem:
+        raise TamperedArtifact(
+            f"{where}: {problem} after it was published; a tampered artifact is never reused — remove the folder to rebuild it"
+        )
 
 
 def write_json_atomic(path: Path, payload, sort_keys: bool = True) -> None:
@@ -83,15 +142,24 @@ class Store:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.digest_memo_path = self.root / "cache" / "outside-digests.json"
 
     def final_dir(self, stage: str, fingerprint: str) -> Path:
         return self.root / "store" / stage / fingerprint
 
     def lookup(self, stage: str, fingerprint: str) -> Artifact | None:
+        """The published artifact for this fingerprint, checked against its manifest; None if absent."""
         folder = self.final_dir(stage, fingerprint)
-        if (folder / MANIFEST).is_file():
-            return Artifact.load(folder)
-        return None
+        if not (folder / MANIFEST).is_file():
+            return None
+        artifact = Artifact.load(folder)
+        check_files(artifact)
+        return artifact
+
+    def artifacts(self, stage: str | None = None) -> list[Artifact]:
+        """Every published artifact (of one stage), without checking them."""
+        pattern = f"{stage or '*'}/*/{MANIFEST}"
+        return [Artifact.load(path.parent) for path in sorted((self.root / "store").glob(pattern))]
 
     def staging_dir(self, stage: str, fingerprint: str) -> Path:
         folder = self.root / "store" / stage / f".tmp-{fingerprint}-{os.getpid()}"
@@ -103,13 +171,15 @@ class Store:
     def publish(self, stage: str, fingerprint: str, staged: Artifact, manifest_fields: dict) -> Artifact:
         """Write the manifest last, then rename the staged folder into place."""
         final = self.final_dir(stage, fingerprint)
+        files = file_records(staged.path)
         manifest = {
             **manifest_fields,
             **staged.manifest,
             "stage": stage,
             "fingerprint": fingerprint,
-            "digest": digest_dir(staged.path),
+            "digest": _digest_of({relative: record[2] for relative, record in files.items()}),
             "path": final.relative_to(self.root).as_posix(),
+            "files": files,
         }
         write_json_atomic(staged.path / MANIFEST, manifest)
         if final.exists():

@@ -1,12 +1,15 @@
-"""Command line: `posttrain run CONFIG [--set key=value ...]` and `posttrain status [RUN]`.
+"""Command line: run the pipeline, list and read its runs, verify the store.
 
     posttrain run configs/demo.yaml
     posttrain run configs/demo.yaml --set evaluate.max_new_tokens=16   # re-runs only evaluate
-    posttrain status                       # the latest run under ./artifacts
-    posttrain status demo --root artifacts
+    posttrain runs                         # every run under ./artifacts, oldest first
+    posttrain status                       # the latest run; exits 1 if it failed
+    posttrain status demo --json           # the newest run named demo (or a run id), as JSON
+    posttrain verify                       # re-hash every artifact in the store against its manifest
+    posttrain verify sft                   # ... of one stage, or one folder: verify artifacts/store/sft/<fp>
 
 Errors at the edge (bad config, bad data, a failed contract, a model that cannot be loaded) print
-one line and exit non-zero; the full trace goes to <store_root>/logs/<run>.log.
+one line and exit non-zero; the full trace goes to <store_root>/logs/<run id>.log.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from rich.table import Table
 from posttrain.config import ConfigError, load_config
 from posttrain.env import configure_environment
 
-console = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, tests) gets 120 columns instead of rich's 80, so tables are not squeezed.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # The figures shown per stage in the summary and in `status` (all metrics are in the manifest/MLflow).
@@ -56,7 +60,7 @@ def _key_metrics(stage: str, metrics: dict) -> str:
 
 
 def print_stage_table(record: dict) -> None:
-    table = Table(title=f"run {record['run_name']} — {record['status']}")
+    table = Table(title=f"run {record.get('run_id', record['run_name'])} — {record['status']}")
     for column in ("stage", "state", "cache", "seconds", "key metrics"):
         table.add_column(column)
     for stage, info in record["stages"].items():
@@ -82,8 +86,8 @@ def print_results_table(evaluate_dir: Path) -> None:
         console.print(table)
 
 
-def _setup_log(root: Path, run_name: str) -> Path:
-    log_path = root / "logs" / f"{run_name}.log"
+def _setup_log(root: Path, run_id: str) -> Path:
+    log_path = root / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.captureWarnings(True)
@@ -96,22 +100,25 @@ def _prepare_environment(root: Path) -> None:
     # store folder is self-contained (and tests in temporary folders don't share state).
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "prefect" / "results"))
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
 
 
 def command_run(args) -> int:
+    from posttrain.runs import RunRecord
+
     cfg = load_config(args.config, args.set)
+    cfg.check_outside_paths(str(args.config))
     root = Path(cfg.store_root).resolve()
     _prepare_environment(root)
-    log_path = _setup_log(root, cfg.run_name)
-    config_yaml = Path(args.config).read_text() + "".join(f"\n# --set {item}" for item in args.set)
+    config_text = Path(args.config).read_text()
+    record = RunRecord.start(root, cfg, str(args.config), args.set, config_text)
+    log_path = _setup_log(root, record.run_id)
+    logged_text = config_text + "".join(f"\n# --set {item}" for item in args.set)
     try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+        # No transformers import here: a run that is all cache hits never loads it (its progress
+        # bars are off through HF_HUB_DISABLE_PROGRESS_BARS, posttrain.env).
         from flows.pipeline import pipeline
 
-        record = pipeline(cfg, str(args.config), config_yaml)
+        final = pipeline(cfg, str(record.path), logged_text)
     except KeyboardInterrupt:
         errors.print("posttrain: interrupted; finished stages are kept in the store")
         return 130
@@ -120,31 +127,72 @@ def command_run(args) -> int:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         errors.print(f"[red]error:[/] {first_line}  [dim](trace: {log_path})[/]")
         return 1
-    print_stage_table(record)
-    evaluate_path = record["stages"].get("evaluate", {}).get("path")
+    print_stage_table(final)
+    evaluate_path = final["stages"].get("evaluate", {}).get("path")
     if evaluate_path:
         print_results_table(root / evaluate_path)
-    hits = sum(1 for info in record["stages"].values() if info.get("cache_hit"))
-    console.print(f"{hits}/{len(record['stages'])} stages from cache. MLflow: mlflow ui --backend-store-uri {cfg.tracking.uri or 'sqlite:///' + str(root / 'mlflow.db')}")
+    hits = sum(1 for info in final["stages"].values() if info.get("cache_hit"))
+    console.print(f"run {final['run_id']}: {hits}/{len(final['stages'])} stages from cache. MLflow: mlflow ui --backend-store-uri {cfg.tracking.uri or 'sqlite:///' + str(root / 'mlflow.db')}")
+    return 0
+
+
+def command_runs(args) -> int:
+    from posttrain.runs import list_runs
+
+    records = list_runs(Path(args.root))
+    if not records:
+        errors.print(f"[red]error:[/] no runs under {Path(args.root) / 'runs'}")
+        return 1
+    table = Table(title=f"runs under {args.root}")
+    table.add_column("run id", no_wrap=True, min_width=max(len(record.get("run_id", "?")) for record in records))
+    for column in ("name", "status", "started", "built", "cached", "failed"):
+        table.add_column(column)
+    for record in records:
+        states = [info.get("state") for info in record.get("stages", {}).values()]
+        table.add_row(
+            record.get("run_id", "?"), record.get("run_name", "?"), record.get("status", "?"), record.get("started_at", "")[:16].replace("T", " "),
+            str(states.count("built")), str(states.count("cached")), str(states.count("failed")),
+        )
+    console.print(table)
     return 0
 
 
 def command_status(args) -> int:
-    runs_dir = Path(args.root) / "runs"
-    if args.run:
-        record_path = runs_dir / args.run / "run.json"
-    else:
-        candidates = sorted(runs_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            errors.print(f"[red]error:[/] no runs under {runs_dir}")
-            return 1
-        record_path = candidates[-1]
-    if not record_path.is_file():
-        errors.print(f"[red]error:[/] {record_path}: no such run")
+    from posttrain.runs import find_run
+
+    record = find_run(Path(args.root), args.run)
+    if record is None:
+        errors.print(f"[red]error:[/] {args.run or 'no runs'}: no such run under {Path(args.root) / 'runs'}")
         return 1
-    record = json.loads(record_path.read_text())
-    print_stage_table(record)
-    return 0
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print_stage_table(record)
+    return 0 if record["status"] in ("succeeded", "running") else 1
+
+
+def command_verify(args) -> int:
+    from posttrain.artifacts import MANIFEST, Artifact, Store, TamperedArtifact, check_files
+
+    store = Store(Path(args.root))
+    target = Path(args.target) if args.target else None
+    if target is not None and (target / MANIFEST).is_file():
+        artifacts = [Artifact.load(target)]
+    else:
+        artifacts = store.artifacts(args.target)
+    if not artifacts:
+        errors.print(f"[red]error:[/] no published artifacts for {args.target or 'the store'} under {store.root / 'store'}")
+        return 1
+    bad = 0
+    for artifact in artifacts:
+        try:
+            check_files(artifact, rehash=True)
+            console.print(f"ok       {artifact.manifest.get('path', artifact.path)}  ({len(artifact.manifest.get('files', {}))} files)")
+        except TamperedArtifact as exc:
+            bad += 1
+            console.print(f"[red]TAMPERED[/] {exc}")
+    console.print(f"{len(artifacts) - bad} of {len(artifacts)} artifacts match their manifests")
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="run the pipeline described by a config file")
     run_parser.add_argument("config")
     run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. sft.lr=1e-4")
+    runs_parser = commands.add_parser("runs", help="list the runs recorded under the store root")
     status_parser = commands.add_parser("status", help="stages, states, cache hits and key metrics of a run")
-    status_parser.add_argument("run", nargs="?")
-    status_parser.add_argument("--root", default="artifacts", help="the store root (store_root in the config)")
+    status_parser.add_argument("run", nargs="?", help="a run id or a run name (its newest run); default: the newest run")
+    status_parser.add_argument("--json", action="store_true", help="print the run record as JSON")
+    verify_parser = commands.add_parser("verify", help="re-hash published artifacts and compare them with their manifests")
+    verify_parser.add_argument("target", nargs="?", help="a stage name or an artifact folder; default: every artifact")
+    for sub in (runs_parser, status_parser, verify_parser):
+        sub.add_argument("--root", default="artifacts", help="the store root (store_root in the config)")
     args = parser.parse_args(argv)
+    commands_by_name = {"run": command_run, "runs": command_runs, "status": command_status, "verify": command_verify}
     try:
-        return command_run(args) if args.command == "run" else command_status(args)
+        return commands_by_name[args.command](args)
     except ConfigError as exc:
         errors.print(f"[red]error:[/] {exc}")
         return 2

@@ -10,7 +10,7 @@ config can be checked in well under a second.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,15 +24,39 @@ class Section(BaseModel):
     # extra="forbid": a typo such as `sft.learning_rte` must fail, not be silently ignored.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    def outside_inputs(self) -> dict[str, "OutsideInput"]:
+        """What the section's stage reads from outside the store (files, folders, hub ids), by a
+        name for the key and for error messages. Sections that read nothing from outside: {}."""
+        return {}
+
+
+# A field whose value changes how a stage runs but not what it produces carries this marker; the
+# cache key (posttrain.fingerprint) leaves it out, so e.g. switching the launcher is not a rebuild.
+NOT_IN_KEY = {"cache_key": False}
+
+
+class OutsideInput(NamedTuple):
+    """A path (file or folder, hashed by content) or a hub id (entered by its resolved commit)."""
+
+    kind: Literal["path", "hub_model", "hub_dataset"]
+    name: str
+    revision: str | None = None
+
+
+# Suffixes that make a source path a local file even when it does not exist (then: "no such file").
+LOCAL_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".gz")
+
 
 # ----------------------------------------------------------------------------- runtime and tracking
 
 
 class RuntimeConfig(Section):
-    """Where and how stages execute. Not part of any fingerprint: it does not change results."""
+    """Where and how stages execute. Not part of any fingerprint (see docs/reliability.md): the
+    same work on another device or thread count is the same artifact; the manifest records where
+    it was built."""
 
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 is fastest for tiny models on a busy 2-core box")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where stages put their models; auto: cuda when available")
 
 
 class TrackingConfig(Section):
@@ -48,6 +72,10 @@ class LauncherConfig(Section):
     kind: Literal["inprocess", "subprocess"] = "inprocess"
     # Prefix for the subprocess command, e.g. ["accelerate", "launch", "--num_processes", "8"].
     command: list[str] = Field(default_factory=lambda: ["python"])
+
+
+def launcher_field() -> LauncherConfig:
+    return Field(default_factory=LauncherConfig, json_schema_extra=NOT_IN_KEY)
 
 
 # ----------------------------------------------------------------------------- base model
@@ -71,6 +99,13 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def outside_inputs(self) -> dict[str, OutsideInput]:
+        if self.name_or_path is None:
+            return {}
+        if Path(self.name_or_path).exists() or self.name_or_path.startswith((".", "/", "~")):
+            return {"model.name_or_path": OutsideInput("path", self.name_or_path)}
+        return {"model.name_or_path": OutsideInput("hub_model", self.name_or_path, self.revision)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -133,6 +168,7 @@ class SourceConfig(Section):
         None, description="container type; null: inferred from the path"
     )
     split: str | None = Field(None, description="split of a `disk` DatasetDict or a `hub` dataset; null: train")
+    revision: str | None = Field(None, description="hub datasets: branch, tag or commit (resolved to a commit for the cache key)")
     fields: dict[str, str] = Field(default_factory=dict, description="format field -> column name in this source")
     generate: GenerateConfig | None = None
 
@@ -160,6 +196,16 @@ class SourceConfig(Section):
     @property
     def name(self) -> str:
         return self.path if self.path is not None else f"generated-{self.role}"
+
+    def outside_input(self) -> OutsideInput | None:
+        """None for generated rows (the config says everything); a local path by content; a
+        dataset id by its commit."""
+        if self.path is None:
+            return None
+        local = Path(self.path).exists() or self.type in ("jsonl", "json", "parquet", "csv", "disk")
+        if local or self.path.lower().endswith(LOCAL_FILE_SUFFIXES) or self.path.startswith((".", "/", "~")):
+            return OutsideInput("path", self.path)
+        return OutsideInput("hub_dataset", self.path, self.revision)
 
 
 class NearDupConfig(Section):
@@ -202,11 +248,17 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.02, gt=0, lt=1)
     seed: int = 0
     contract_suites: bool = True
-    stage_max_length: dict[Literal["sft", "reward", "dpo", "distill"], int] = Field(
-        default_factory=dict,
-        description="max_length of the training stages this data feeds (tokenized contracts); missing: max_tokens",
+    batch_rows: int = Field(
+        4096, ge=1, description="rows read, cleaned and deduplicated at a time (memory only: the output is the same)", json_schema_extra=NOT_IN_KEY
     )
-    batch_rows: int = Field(4096, ge=1, description="rows read, cleaned and deduplicated at a time")
+
+    def outside_inputs(self) -> dict[str, OutsideInput]:
+        found = {}
+        for index, source in enumerate(self.sources):
+            item = source.outside_input()
+            if item is not None:
+                found[f"data.sources[{index}]"] = item
+        return found
 
     @field_validator("dedup_key")
     @classmethod
@@ -256,7 +308,7 @@ class SftConfig(Section):
     weight_decay: float = 0.0
     max_length: int = Field(96, ge=8)
     eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = launcher_field()
 
 
 class RewardConfig(Section):
@@ -268,7 +320,7 @@ class RewardConfig(Section):
     batch_size: int = Field(64, ge=1, description="preference pairs per step (2x sequences)")
     lr: float = Field(1e-3, gt=0)
     max_length: int = Field(96, ge=8, description="pairs longer than this (tokens) are dropped, not truncated")
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = launcher_field()
 
 
 class DpoConfig(Section):
@@ -284,7 +336,7 @@ class DpoConfig(Section):
     batch_size: int = Field(64, ge=1, description="preference pairs per step")
     lr: float = Field(2e-4, gt=0)
     max_length: int = Field(96, ge=8)
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = launcher_field()
 
 
 ALIGN_METHODS_AVAILABLE = ("dpo",)
@@ -324,11 +376,10 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1-alpha on the teacher's logits")
     top_k: int = Field(16, ge=1, description="teacher logits kept per position (precomputed once)")
     max_length: int = Field(96, ge=8)
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = launcher_field()
 
 
 class QuantizeConfig(Section):
-    seed: int | None = Field(None, description="null: the pipeline's top-level seed")
     source: Literal["sft", "student", "base"] = Field("sft", description="which model of the run is quantized")
     methods: list[Literal["nf4", "int8"]] = Field(default_factory=lambda: ["nf4", "int8"])
     eval_rows: int = Field(256, ge=1, description="eval-split rows used to measure the loss before/after")
@@ -361,13 +412,12 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
-    @model_validator(mode="after")
-    def _data_knows_stage_lengths(self) -> "PipelineConfig":
-        # The data stage's tokenized contracts check truncation at each training stage's own max_length;
-        # an explicit data.stage_max_length entry wins.
-        lengths = {"sft": self.sft.max_length, "reward": self.reward.max_length, "dpo": self.align.dpo.max_length, "distill": self.distill.max_length}
-        self.data.stage_max_length = {**lengths, **self.data.stage_max_length}
-        return self
+    def check_outside_paths(self, origin: str = "config") -> None:
+        """Every local file or folder a stage will read exists: found now, not after earlier stages ran."""
+        for section in (self.model, self.data):
+            for key, item in section.outside_inputs().items():
+                if item.kind == "path" and not Path(item.name).expanduser().exists():
+                    raise ConfigError(f"{origin}: {key}: {item.name}: no such file or folder")
 
 
 # ----------------------------------------------------------------------------- loading

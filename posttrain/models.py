@@ -11,6 +11,7 @@ refused rather than unpickled. Remote code runs only when the config says `trust
 from __future__ import annotations
 
 import logging
+import os
 import string
 import warnings
 from contextlib import contextmanager
@@ -125,7 +126,9 @@ def count_parameters(model) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def pick_device(preference: str) -> torch.device:
+def pick_device(preference: str | None = None) -> torch.device:
+    """`runtime.device` (auto, cpu, cuda), which the runner passes as POSTTRAIN_DEVICE."""
+    preference = preference or os.environ.get("POSTTRAIN_DEVICE", "auto")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

@@ -1,11 +1,14 @@
 """Run one stage with the store as its cache: look up the fingerprint, else build and publish.
 
-    outcome = execute_stage("sft", tasks.sft, cfg.sft, {"base": base, "data": data}, store, seed=0)
+    outcome = execute_stage("sft", "tasks.sft", cfg.sft, {"base": base, "data": data}, store, seed=0)
     outcome.artifact.path, outcome.cache_hit
 
 This is the whole caching contract, with no Prefect or MLflow in it, so the CLI, the flow and the
-tests share one definition of "a cache hit": the stored manifest exists for this fingerprint. A
-stage runs either in this process or as `python -m tasks.<stage>` (optionally behind a launcher
+tests share one definition of "a cache hit": the stored manifest exists for this fingerprint and
+the folder still matches it (posttrain.artifacts.check_files). The stage module is imported only
+when it has to run, so a run that is all cache hits never loads torch or a trainer.
+
+A stage runs either in this process or as `python -m tasks.<stage>` (optionally behind a launcher
 such as `accelerate launch`); either way it writes into a staging folder that is published only
 after it returns, so a crash never leaves a folder that looks finished. A failed stage's staging
 folder is left in place (`store/<stage>/.tmp-*`) so its diagnostics can be read.
@@ -14,9 +17,10 @@ folder is left in place (`store/<stage>/.tmp-*`) so its diagnostics can be read.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
-import platform
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +31,8 @@ from types import ModuleType
 
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import LauncherConfig
-from posttrain.fingerprint import fingerprint, library_versions, section_payload
+from posttrain.fingerprint import StageKey, module_source, stage_key
+from posttrain.outside import DigestMemo
 
 DRAFT_FILE = "_draft.json"  # how a subprocess stage hands its draft manifest back
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,70 +65,83 @@ def git_state() -> dict:
 
 
 def _run_subprocess(
-    module: ModuleType, section, inputs: dict[str, Artifact], staging: Path, launcher: LauncherConfig, threads: int
+    module_name: str, section, inputs: dict[str, Artifact], staging: Path, launcher: LauncherConfig, environment: dict
 ) -> Artifact:
     config_file = staging.parent / f"{staging.name}.config.json"
     inputs_file = staging.parent / f"{staging.name}.inputs.json"
     config_file.write_text(json.dumps(section.model_dump(mode="json")))
     inputs_file.write_text(json.dumps({name: {"path": str(a.path), "manifest": a.manifest} for name, a in inputs.items()}, default=str))
-    command = [*launcher.command, "-m", module.__name__, "--config", str(config_file), "--inputs", str(inputs_file), "--out", str(staging)]
+    command = [*launcher.command, "-m", module_name, "--config", str(config_file), "--inputs", str(inputs_file), "--out", str(staging)]
     if command[0] == "python":
         command[0] = sys.executable
     try:
-        completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "POSTTRAIN_THREADS": str(threads)})
+        completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **environment})
     finally:
         config_file.unlink(missing_ok=True)
         inputs_file.unlink(missing_ok=True)
     if completed.returncode != 0:
-        raise StageError(f"{module.__name__}: subprocess exited with status {completed.returncode}")
+        raise StageError(f"{module_name}: subprocess exited with status {completed.returncode}")
     draft_path = staging / DRAFT_FILE
     draft = json.loads(draft_path.read_text())
     draft_path.unlink()
     return Artifact(staging, draft)
 
 
+def compute_key(stage: str, module: str | ModuleType, section, inputs: dict[str, Artifact], store: Store) -> StageKey:
+    return stage_key(stage, module, section, inputs, DigestMemo(store.digest_memo_path))
+
+
 def execute_stage(
     stage: str,
-    module: ModuleType,
+    module: str | ModuleType,
     section,
     inputs: dict[str, Artifact],
     store: Store,
     seed: int,
     launcher: LauncherConfig | None = None,
     threads: int = 1,
-    extra_source_files: tuple[Path, ...] = (),
+    device: str = "auto",
+    run_id: str | None = None,
+    key: StageKey | None = None,
 ) -> StageOutcome:
-    key = fingerprint(stage, module, section, inputs, seed, extra_source_files)
-    cached = store.lookup(stage, key)
+    """`module` is a module name ("tasks.sft") or a module; `key` when the caller computed it."""
+    key = key or compute_key(stage, module, section, inputs, store)
+    cached = store.lookup(stage, key.fingerprint)
     if cached is not None:
         return StageOutcome(cached, True, 0.0)
 
-    staging = store.staging_dir(stage, key)
+    module_name, _ = module_source(module)
+    staging = store.staging_dir(stage, key.fingerprint)
     started = time.perf_counter()
-    try:
-        if launcher is not None and launcher.kind == "subprocess":
-            draft = _run_subprocess(module, section, inputs, staging, launcher, threads)
-        else:
-            from posttrain.training import set_threads
+    # Where models go and how many threads torch uses: read by posttrain.models.pick_device and
+    # set in this process too, so an in-process stage sees the same settings as a subprocess one.
+    environment = {"POSTTRAIN_THREADS": str(threads), "POSTTRAIN_DEVICE": device}
+    os.environ.update(environment)
+    # The staging folder stays after a failure for diagnosis (contract results, rejected rows, partial
+    # logs); without a manifest and under a .tmp- name it never counts as an artifact.
+    if launcher is not None and launcher.kind == "subprocess":
+        draft = _run_subprocess(module_name, section, inputs, staging, launcher, environment)
+    else:
+        from posttrain.training import set_threads
 
-            set_threads(threads)
-            draft = module.run(section, inputs, staging)
-    except BaseException:
-        # The staging folder stays for diagnosis (contract results, rejected rows, partial logs);
-        # without a manifest and under a .tmp- name it never counts as an artifact.
-        raise
+        set_threads(threads)
+        loaded = importlib.import_module(module) if isinstance(module, str) else module
+        draft = loaded.run(section, inputs, staging)
     seconds = time.perf_counter() - started
     manifest_fields = {
-        "config": section_payload(section),
+        "config": key.parts["config"],
         "inputs": {
             name: {"digest": artifact.digest, "path": artifact.manifest.get("path", str(artifact.path))}
             for name, artifact in sorted(inputs.items())
         },
+        "outside": key.parts["outside"],
+        "code": key.parts["code"],
+        "versions": key.parts["versions"],
         "seed": seed,
         "git": git_state(),
-        "versions": {"python": platform.python_version(), **library_versions()},
+        "built_by": {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "device": device},
         "seconds": round(seconds, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    artifact = store.publish(stage, key, draft, manifest_fields)
+    artifact = store.publish(stage, key.fingerprint, draft, manifest_fields)
     return StageOutcome(artifact, False, seconds)

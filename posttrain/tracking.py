@@ -1,19 +1,26 @@
 """MLflow: one parent run per pipeline run, one nested child run per stage.
 
-    with PipelineTracking(cfg.tracking, store_root, run_name, config_yaml) as tracking:
-        child_id = tracking.log_stage("sft", outcome, cfg.sft, upstream={"base": id0, "data": id1})
+    with PipelineTracking(cfg.tracking, store_root, run_id, run_name, config_text, params) as tracking:
+        child_id = tracking.log_stage("sft", outcome, cfg.sft, upstream={"base": id0, "data": id1}, ...)
 
 A child run holds the stage's config section as params, its manifest metrics (one batched call:
 single `log_metric` calls cost ~10 ms each on SQLite), the datasets it read (`log_input`), the
-manifest and the output model as artifacts, and tags linking it to the runs that produced its
-inputs. A cached stage still gets a child run, tagged `posttrain.cache_hit=true` and pointing at
-the run that built the artifact, so lineage stays complete in every run. MLflow is imported
-lazily: it costs ~3 s, and a stage never needs it.
+manifest and the output model as artifacts, tags linking it to the runs that produced its inputs,
+and the stage's real start and end times. A cached stage still gets a child run, tagged
+`posttrain.cache_hit=true` and pointing at the run that built the artifact, so lineage stays
+complete in every run. MLflow is imported lazily: it costs ~3 s, and a stage never needs it.
+
+The default tracking store is `<store_root>/mlflow.db` with artifacts in `<store_root>/mlartifacts`.
+MLflow keeps artifact locations as absolute URIs (it resolves relative ones when it creates an
+experiment), so when the store has been moved or copied the database's locations are re-rooted
+to where the store is now before anything is logged: a copy never writes into the original.
+Tags, params and dataset sources name store folders relative to the store root.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -22,10 +29,13 @@ from posttrain.fingerprint import section_payload
 from posttrain.runner import StageOutcome, git_state
 
 TAG = "posttrain."
+ARTIFACTS_FOLDER = "mlartifacts"
+# MLflow 3's UI opens an experiment in its GenAI view (an empty "Traces" page) unless it carries this.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(store_root: Path) -> str:
-    # An absolute SQLite path needs four slashes: sqlite:////abs/path.db (FIELD_NOTES).
+    # An absolute SQLite path needs four slashes: sqlite:////abs/path.db.
     return f"sqlite:///{Path(store_root).resolve() / 'mlflow.db'}"
 
 
@@ -38,14 +48,65 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+# Every column in which MLflow 3 stores an artifact location or a file source.
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+    ("datasets", "dataset_source"),
+)
+
+
+def reroot_tracking_db(db_path: Path, store_root: Path, experiment: str) -> str | None:
+    """Point the database's artifact locations at this store root if the store was moved or
+    copied; returns the old root when something was rewritten."""
+    if not db_path.is_file():
+        return None
+    root = Path(store_root).resolve()
+    with sqlite3.connect(db_path) as connection:
+        try:
+            row = connection.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        except sqlite3.OperationalError:
+            return None  # not yet an MLflow database
+        if row is None or not row[0].startswith("file://"):
+            return None
+        location = row[0].removeprefix("file://")
+        if not location.endswith(f"/{ARTIFACTS_FOLDER}"):
+            return None  # a location the user chose: leave it
+        old_root = location.removesuffix(f"/{ARTIFACTS_FOLDER}")
+        if old_root == str(root):
+            return None
+        for table, column in _LOCATION_COLUMNS:
+            try:
+                connection.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?) WHERE {column} LIKE ?", (f"{old_root}/", f"{root}/", f"%{old_root}/%"))
+            except sqlite3.OperationalError:
+                continue  # an older schema without this table
+    return old_root
+
+
+def home_default_experiment(db_path: Path, store_root: Path) -> None:
+    """MLflow creates a "Default" experiment whose artifacts go to ./mlruns of the folder it was
+    started from; point it into the store root like ours."""
+    root = Path(store_root).resolve()
+    with sqlite3.connect(db_path) as connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0 AND artifact_location NOT LIKE ?",
+            ((root / ARTIFACTS_FOLDER / "0").as_uri(), f"%{root}/%"),
+        )
+
+
 class PipelineTracking:
-    def __init__(self, config: TrackingConfig, store_root: Path, run_name: str, config_yaml: str, pipeline_params: dict):
+    def __init__(self, config: TrackingConfig, store_root: Path, run_id: str, run_name: str, config_text: str, pipeline_params: dict):
         self.config = config
-        self.store_root = Path(store_root)
+        self.store_root = Path(store_root).resolve()
+        self.run_id = run_id
         self.run_name = run_name
-        self.config_yaml = config_yaml
+        self.config_text = config_text
         self.pipeline_params = pipeline_params
         self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
         self.child_runs: dict[str, str] = {}
 
     # ------------------------------------------------------------------ parent run
@@ -54,21 +115,36 @@ class PipelineTracking:
             return self
         import mlflow
 
-        mlflow.set_tracking_uri(self.config.uri or default_tracking_uri(self.store_root))
+        uri = self.config.uri or default_tracking_uri(self.store_root)
+        if self.config.uri is None:
+            reroot_tracking_db(self.store_root / "mlflow.db", self.store_root, self.config.experiment)
+        mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(self.config.experiment)
+        if self.config.uri is None:
+            home_default_experiment(self.store_root / "mlflow.db", self.store_root)
         if experiment is None:
             # Artifacts next to the database, not in ./mlruns of whatever folder the user ran from.
-            location = (self.store_root.resolve() / "mlartifacts").as_uri()
-            mlflow.create_experiment(self.config.experiment, artifact_location=location)
-        mlflow.set_experiment(self.config.experiment)
+            location = (self.store_root / ARTIFACTS_FOLDER).as_uri() if self.config.uri is None else None
+            self.experiment_id = mlflow.create_experiment(self.config.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        else:
+            self.experiment_id = experiment.experiment_id
+            if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+                mlflow.MlflowClient().set_experiment_tag(self.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        mlflow.set_experiment(experiment_id=self.experiment_id)
         git = git_state()
         run = mlflow.start_run(
             run_name=self.run_name,
-            tags={f"{TAG}kind": "pipeline", f"{TAG}git_commit": git["commit"], f"{TAG}git_dirty": str(git["dirty"]), "mlflow.source.git.commit": git["commit"]},
+            tags={
+                f"{TAG}kind": "pipeline",
+                f"{TAG}run_id": self.run_id,
+                f"{TAG}git_commit": git["commit"],
+                f"{TAG}git_dirty": str(git["dirty"]),
+                "mlflow.source.git.commit": git["commit"],
+            },
         )
         self.parent_run_id = run.info.run_id
         mlflow.log_params(self.pipeline_params)
-        mlflow.log_text(self.config_yaml, "config.yaml")
+        mlflow.log_text(self.config_text, "config.yaml")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -83,12 +159,21 @@ class PipelineTracking:
         import mlflow
 
         found = mlflow.search_runs(
+            experiment_ids=[self.experiment_id],
             filter_string=f"tags.`{TAG}fingerprint` = '{fingerprint}' and tags.`{TAG}cache_hit` = 'false' and tags.`{TAG}stage` = '{stage}'",
-            search_all_experiments=True,
             max_results=1,
             output_format="list",
         )
         return found[0].info.run_id if found else None
+
+    def _description(self, stage: str, artifact_path: str, upstream: dict[str, str | None], builder: str | None) -> str:
+        lines = [f"**{stage}** — store folder `{artifact_path}`"]
+        for name, run_id in upstream.items():
+            if run_id:
+                lines.append(f"- input `{name}`: [run {run_id[:8]}](#/experiments/{self.experiment_id}/runs/{run_id})")
+        if builder:
+            lines.append(f"- cached: built by [run {builder[:8]}](#/experiments/{self.experiment_id}/runs/{builder})")
+        return "\n".join(lines)
 
     def log_stage(
         self,
@@ -96,69 +181,87 @@ class PipelineTracking:
         outcome: StageOutcome,
         section,
         upstream: dict[str, str | None],
-        datasets: list[tuple[str, Path, str]] = (),
+        datasets: list = (),
         log_model: bool = False,
+        started: float | None = None,
+        ended: float | None = None,
     ) -> str | None:
-        """Create the stage's child run; returns its id (None when tracking is off)."""
+        """Create the stage's child run; returns its id (None when tracking is off).
+
+        `datasets`: (name, artifact, path inside it, context); `started`/`ended`: epoch seconds."""
         if not self.config.enabled:
             return None
         import mlflow
         from mlflow.entities import Metric
 
         artifact = outcome.artifact
+        relative_path = artifact.manifest["path"]
         tags = {
+            "mlflow.parentRunId": self.parent_run_id,
             f"{TAG}stage": stage,
+            f"{TAG}run_id": self.run_id,
             f"{TAG}fingerprint": artifact.fingerprint,
             f"{TAG}digest": artifact.digest,
             f"{TAG}cache_hit": str(outcome.cache_hit).lower(),
-            f"{TAG}artifact_path": str(artifact.path),
+            f"{TAG}artifact_path": relative_path,
             f"{TAG}git_commit": artifact.manifest.get("git", {}).get("commit", "unknown"),
             "mlflow.source.git.commit": artifact.manifest.get("git", {}).get("commit", "unknown"),
         }
         for name, run_id in upstream.items():
             if run_id:
                 tags[f"{TAG}upstream.{name}"] = run_id
-        if outcome.cache_hit:
-            builder = self._builder_run(stage, artifact.fingerprint)
-            if builder:
-                tags[f"{TAG}built_by_run"] = builder
+        builder = self._builder_run(stage, artifact.fingerprint) if outcome.cache_hit else None
+        if builder:
+            tags[f"{TAG}built_by_run"] = builder
+        tags["mlflow.note.content"] = self._description(stage, relative_path, upstream, builder)
 
-        with mlflow.start_run(run_name=stage, nested=True, tags=tags) as child:
-            client = mlflow.MlflowClient()
-            params = _flatten("", section_payload(section), {})
-            if params:
-                mlflow.log_params({key[:250]: value[:6000] for key, value in params.items()})
-            now = int(time.time() * 1000)
-            metrics = [
-                Metric(key, float(value), now, 0)
-                for key, value in artifact.metrics.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)
-            ]
-            metrics.append(Metric("cache_hit", float(outcome.cache_hit), now, 0))
-            loss_file = artifact.path / "loss_history.json"
-            if loss_file.is_file():
-                metrics += [Metric("train_loss", p["loss"], now, p["step"]) for p in json.loads(loss_file.read_text())]
-            for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
-                client.log_batch(child.info.run_id, metrics=metrics[start : start + 900])
-            mlflow.log_artifact(str(artifact.path / "manifest.json"))
-            for name, path, context in datasets:
-                self._log_dataset(name, path, context)
-            for extra in ("results.md", "results.json", "rejected.jsonl"):
-                if (artifact.path / extra).is_file():
-                    mlflow.log_artifact(str(artifact.path / extra))
-            for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
-                if (artifact.path / folder).is_dir():
-                    mlflow.log_artifacts(str(artifact.path / folder), artifact_path=folder)
-            if log_model and self.config.log_models and not outcome.cache_hit:
-                mlflow.log_artifacts(str(artifact.path), artifact_path="model")
-        self.child_runs[stage] = child.info.run_id
-        return child.info.run_id
+        client = mlflow.MlflowClient()
+        now = time.time()
+        start_ms = int((started or now) * 1000)
+        child = client.create_run(self.experiment_id, start_time=start_ms, tags=tags, run_name=stage)
+        run_id = child.info.run_id
+        params = _flatten("", section_payload(section), {})
+        if params:
+            from mlflow.entities import Param
+
+            client.log_batch(run_id, params=[Param(key[:250], value[:6000]) for key, value in params.items()])
+        stamp = int((ended or now) * 1000)
+        metrics = [
+            Metric(key, float(value), stamp, 0)
+            for key, value in artifact.metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        metrics.append(Metric("cache_hit", float(outcome.cache_hit), stamp, 0))
+        loss_file = artifact.path / "loss_history.json"
+        if loss_file.is_file():
+            metrics += [Metric("train_loss", p["loss"], stamp, p["step"]) for p in json.loads(loss_file.read_text())]
+        for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(run_id, metrics=metrics[start : start + 900])
+        client.log_artifact(run_id, str(artifact.path / "manifest.json"))
+        inputs = []
+        for name, source_artifact, inner_path, context in datasets:
+            inputs.append(self._dataset_input(name, source_artifact, inner_path, context))
+        if inputs:
+            client.log_inputs(run_id, datasets=inputs)
+        for extra in ("results.md", "results.json", "rejected.jsonl"):
+            if (artifact.path / extra).is_file():
+                client.log_artifact(run_id, str(artifact.path / extra))
+        for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
+            if (artifact.path / folder).is_dir():
+                client.log_artifacts(run_id, str(artifact.path / folder), artifact_path=folder)
+        if log_model and self.config.log_models and not outcome.cache_hit:
+            client.log_artifacts(run_id, str(artifact.path), artifact_path="model")
+        client.set_terminated(run_id, "FINISHED", end_time=int((ended or time.time()) * 1000))
+        self.child_runs[stage] = run_id
+        return run_id
 
     @staticmethod
-    def _log_dataset(name: str, path: Path, context: str) -> None:
+    def _dataset_input(name: str, source_artifact, inner_path: str, context: str):
         import mlflow
         import pandas as pd
+        from mlflow.tracking.fluent import _create_dataset_input
 
-        frame = pd.read_json(path, lines=True)
-        dataset = mlflow.data.from_pandas(frame, source=str(path), name=name)
-        mlflow.log_input(dataset, context=context)
+        frame = pd.read_json(source_artifact.path / inner_path, lines=True)
+        # The source names the file inside the store, relative to the store root.
+        dataset = mlflow.data.from_pandas(frame, source=f"{source_artifact.manifest['path']}/{inner_path}", name=name)
+        return _create_dataset_input(dataset, context, None)

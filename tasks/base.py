@@ -5,7 +5,8 @@
 
 The model is saved into the store (safetensors, config, tokenizer), so every later stage and the
 data filters read the same weights and the same tokenizer from one content-addressed folder, and
-a change of upstream weights changes the digest that downstream fingerprints depend on.
+a change of upstream weights changes the digest that downstream fingerprints depend on. A hub id
+is loaded at the commit its cache key was computed from (posttrain.outside.resolve_hub_revision).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from posttrain.artifacts import Artifact
 from posttrain.config import ModelConfig
 from posttrain.models import build_tiny, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.outside import resolve_hub_revision
 
 
 def run(config: ModelConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
@@ -22,9 +24,13 @@ def run(config: ModelConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
         model, tokenizer = build_tiny(config.tiny, seed=config.seed or 0)
         origin = "tiny-llama (built from config)"
     else:
-        tokenizer = load_tokenizer(config.name_or_path, config.revision, config.trust_remote_code)
-        model = load_causal_lm(config.name_or_path, config.revision, config.trust_remote_code, config.dtype)
-        origin = config.name_or_path
+        revision = config.revision
+        if config.outside_inputs()["model.name_or_path"].kind == "hub_model":
+            # The commit the cache key was computed from (memoised), not whatever `main` is by now.
+            revision = resolve_hub_revision("model", config.name_or_path, config.revision)
+        tokenizer = load_tokenizer(config.name_or_path, revision, config.trust_remote_code)
+        model = load_causal_lm(config.name_or_path, revision, config.trust_remote_code, config.dtype)
+        origin = config.name_or_path if revision is None else f"{config.name_or_path}@{revision}"
     save_pretrained(model, tokenizer, out_dir)
     metrics = {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
     return Artifact.draft(out_dir, metrics, origin=origin, architecture=type(model).__name__)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from data_contracts import check_instruction_rows
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import DistillConfig, StudentConfig, TinyModelConfig
@@ -52,6 +53,7 @@ from posttrain.scoring import completion_scores
 from posttrain.training import Throughput, write_loss_history
 
 IGNORE = formatting.IGNORE_INDEX
+DATA_FILES = ("data_contracts/distill_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -211,13 +213,16 @@ def _warmup_cosine(warmup: int, total: int):
 def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     seed = config.seed if config.seed is not None else 0
     teacher_dir, data_dir = _input_dir(inputs, "teacher"), _input_dir(inputs, "data")
-    device = pick_device("auto")
+    device = pick_device()
 
     tokenizer = load_tokenizer(teacher_dir)
     pad_id = tokenizer.pad_token_id
     train_path, eval_path = data_dir / "instruction" / "train.jsonl", data_dir / "instruction" / "eval.jsonl"
-    train_examples = encode_rows(tokenizer, read_instruction_rows(train_path), config.max_length)
-    eval_examples = encode_rows(tokenizer, read_instruction_rows(eval_path), config.max_length)
+    train_rows, eval_rows = read_instruction_rows(train_path), read_instruction_rows(eval_path)
+    # Rows with no completion token within max_length are dropped below; the contract bounds them first.
+    contract = check_instruction_rows("distill", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="truncated")
+    train_examples = encode_rows(tokenizer, train_rows, config.max_length)
+    eval_examples = encode_rows(tokenizer, eval_rows, config.max_length)
     for path, examples in ((train_path, train_examples), (eval_path, eval_examples)):
         if not examples:
             raise ValueError(f"{path}: no row keeps a completion token within max_length {config.max_length}")
@@ -300,6 +305,7 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
         "teacher_precompute_seconds": round(precompute_seconds, 2),
         "train_rows": len(train_examples),
         "final_ce_loss": round(ce_value, 5),
+        "contract_expectations_passed": contract["passed"],
     }
     if use_teacher:
         metrics.update(

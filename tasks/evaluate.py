@@ -64,12 +64,14 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
 
 def score_model(folder: Path, benchmarks: dict[str, list[dict]], config: EvaluateConfig) -> tuple[dict, list[dict]]:
+    import bitsandbytes  # noqa: F401  transformers loads it for quantized variants; imported here so its version is in this stage's key
+
     tokenizer = load_tokenizer(folder)
     with quiet_bitsandbytes():  # bitsandbytes logs once per matmul on CPU
         # Every model on the same device: left without a device_map, a plain model loads on the CPU while
         # transformers puts a bitsandbytes one on the GPU, so on a GPU machine only the quantized
         # variants were scored there.
-        model = load_causal_lm(folder, device_map={"": pick_device("auto")})
+        model = load_causal_lm(folder, device_map={"": pick_device()})
         model.eval()
         scores: dict = {}
         samples: list[dict] = []

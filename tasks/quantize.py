@@ -119,7 +119,7 @@ def run(config: QuantizeConfig, inputs: dict[str, Artifact], out_dir: Path) -> A
     if not config.methods or len(set(config.methods)) != len(config.methods):
         raise ValueError(f"quantize.methods: need one or more distinct methods, got {config.methods}")
     source_dir, data_dir = Path(inputs["source"].path), Path(inputs["data"].path)
-    device = pick_device("auto")
+    device = pick_device()
 
     tokenizer = load_tokenizer(source_dir)
     source = load_causal_lm(source_dir).to(device)

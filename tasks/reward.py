@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
 from posttrain.formatting import preference_example
@@ -27,6 +28,7 @@ from posttrain.models import count_parameters, load_reward_model, load_tokenizer
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger than the train batch
+DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
 def pair_texts(row: dict, eos_token: str) -> tuple[str, str]:
@@ -93,6 +95,8 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     # The classifier finds each sequence's last real token through pad_token_id; base configs often lack it.
     model.config.pad_token_id = tokenizer.pad_token_id
 
+    # RewardTrainer drops pairs longer than max_length; the contract bounds how many, before the first step.
+    contract = check_preference_rows("reward", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="dropped")
     before = pairwise_metrics(model, tokenizer, eval_rows, config.max_length, prefix="eval_before_")
 
     train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
@@ -133,6 +137,7 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         "train_pairs_dropped_too_long": len(train_rows) - kept,
         "eval_pairs": len(eval_rows),
         "parameters": count_parameters(trainer.model),
+        "contract_expectations_passed": contract["passed"],
     }
     for key in ("accuracy", "margin"):
         value = last_logged(trainer.state.log_history, key)

@@ -20,6 +20,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from data_contracts import check_instruction_rows
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
@@ -27,6 +28,8 @@ from posttrain.jsonl import read_jsonl
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
 from posttrain.scoring import completion_scores
 from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, use_bf16, write_loss_history
+
+DATA_FILES = ("data_contracts/sft_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
 def _lora_config(config: SftConfig):
@@ -45,6 +48,7 @@ def load_trainable_model(config: SftConfig, base_dir: Path):
     """The base as the method trains it: float32, or 4-bit NF4 on the GPU for qlora."""
     if config.method != "qlora":
         return load_causal_lm(base_dir, dtype="float32")
+    import bitsandbytes  # noqa: F401  transformers loads it; imported here so its version is in this stage's key
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -57,7 +61,7 @@ def load_trainable_model(config: SftConfig, base_dir: Path):
         bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16() else torch.float16,
     )
     with quiet_bitsandbytes():
-        return load_causal_lm(base_dir, dtype="float32", quantization_config=quantization, device_map={"": pick_device("auto")})
+        return load_causal_lm(base_dir, dtype="float32", quantization_config=quantization, device_map={"": pick_device()})
 
 
 def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
@@ -88,6 +92,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     eval_records = read_jsonl(data_dir / "instruction" / "eval.jsonl")[: config.eval_rows]
     if not train_records:
         raise ValueError(f"{data_dir / 'instruction' / 'train.jsonl'}: no instruction rows to train on")
+    # SFTTrainer truncates at max_length; the contract bounds how often, before the first step.
+    contract = check_instruction_rows("sft", tokenizer, {"train": train_records, "eval": eval_records}, config.max_length, out_dir, overlong="truncated")
     train_dataset = Dataset.from_list([formatting.sft_example(record) for record in train_records])
 
     eval_loss_before = completion_loss(model, tokenizer, eval_records, config.max_length) if eval_records else math.nan
@@ -136,6 +142,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "train_rows": len(train_records),
         "eval_loss_before": round(eval_loss_before, 5),
         "eval_loss": round(eval_loss_after, 5),
+        "contract_expectations_passed": contract["passed"],
     }
     return Artifact.draft(out_dir, metrics, method=config.method)
 

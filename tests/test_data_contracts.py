@@ -21,7 +21,7 @@ from data_contracts import (
     tokenized_frame,
     validate,
 )
-from data_contracts.frames import token_counts
+from data_contracts.frames import instruction_tokens, preference_tokens
 from posttrain.formatting import encode_example
 from posttrain.models import load_tokenizer
 
@@ -127,9 +127,12 @@ def test_sft_frame_matches_encode_example(tiny_base):
             assert row["total_tokens"] == len(encoded["input_ids"])
             assert row["trainable_tokens"] == sum(label != -100 for label in encoded["labels"])
             assert row["truncated"] == encoded["truncated"]
-    counts = token_counts(records, tokenizer)
+    prompt, completion = instruction_tokens(tokenizer, records)
     # Character tokens: "Q: copy abc\nA:" is 14, " abc" + EOS 5.
-    assert counts["prompt"].tolist() == [14, 19, 36] and counts["completion"].tolist() == [5, 10, 3]
+    assert prompt.tolist() == [14, 19, 36] and completion.tolist() == [5, 10, 3]
+    pairs = [{"prompt": "upper ab", "chosen": "AB", "rejected": "AC"}]
+    # " AB" + EOS vs " AC" + EOS share " A": a common prefix of 2 ids.
+    assert [column.tolist() for column in preference_tokens(tokenizer, pairs)] == [[14], [4], [4], [2]]
 
 
 def test_tokenized_suite_catches_truncation_and_zero_trainable_rows(tmp_path):

@@ -2,13 +2,14 @@
 mean over skills by at least 30 points over the base model, every model of the run must appear in
 the final table, and a second run must be all cache hits."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from posttrain.runs import find_run
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("base", "sft", "align-dpo", "student", "quantize-nf4", "quantize-int8")
@@ -23,7 +24,7 @@ def run_demo(root: Path) -> subprocess.CompletedProcess:
 def test_full_demo_sft_beats_base_by_30_points_and_reruns_from_cache(tmp_path):
     first = run_demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    record = json.loads((tmp_path / "runs" / "demo" / "run.json").read_text())
+    record = find_run(tmp_path, "demo")
     scores = record["stages"]["evaluate"]["metrics"]
     for model in MODELS:
         assert f"{model}.skills.mean" in scores
@@ -35,5 +36,5 @@ def test_full_demo_sft_beats_base_by_30_points_and_reruns_from_cache(tmp_path):
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    record = json.loads((tmp_path / "runs" / "demo" / "run.json").read_text())
+    record = find_run(tmp_path, "demo")
     assert {info["state"] for info in record["stages"].values()} == {"cached"}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import DpoConfig
 from posttrain.formatting import IGNORE_INDEX, encode_example, pad_batch, preference_example
@@ -32,6 +33,7 @@ from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, s
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 SCORE_BATCH = 64  # sequences per forward when scoring; inference only
+DATA_FILES = ("data_contracts/dpo_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
 @torch.no_grad()
@@ -97,6 +99,8 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
 
     sft_dir = Path(inputs["sft"].path)
     tokenizer = load_tokenizer(sft_dir)
+    # DPOTrainer truncates at max_length; the contract bounds how often, before the first step.
+    contract = check_preference_rows("dpo", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="truncated")
     set_seed(seed)
     # fp32 weights: on a GPU the trainer's bf16 autocast still gives the speed; optimizer state stays exact.
     policy = load_causal_lm(sft_dir, dtype="float32")
@@ -162,6 +166,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "train_pairs": len(trainer.train_dataset),
         "eval_pairs": len(eval_rows),
         "parameters": count_parameters(trainer.model),
+        "contract_expectations_passed": contract["passed"],
     }
     for logged, name in (("rewards/accuracies", "train_rewards_accuracy"), ("rewards/margins", "train_rewards_margin")):
         value = last_logged(trainer.state.log_history, logged)

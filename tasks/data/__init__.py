@@ -23,10 +23,11 @@ dedup indexes. Every dropped row goes to `rejected.jsonl` with its rule and sour
  7. split       per role, rows ordered by a seeded hash of their dedup key (a shuffle that needs
                 no second copy of the data and keeps a row's split when other rows change); the
                 first `eval_fraction` is eval: <role>/train.jsonl and <role>/eval.jsonl
- 8. contracts   Great Expectations suites in data_contracts/, one per edge: raw -> clean per role,
-                and after tokenization for each training stage (sft, distill, reward, dpo) at that
-                stage's max_length; Data Docs HTML in data_docs/; a failed critical expectation
-                raises after the docs are built, so training never starts on broken data
+ 8. contracts   Great Expectations suites in data_contracts/, raw -> clean per role; Data Docs
+                HTML in data_docs/; a failed critical expectation raises after the docs are
+                built, so training never starts on broken data. The tokenized contracts (at each
+                training stage's own max_length) run in the consuming stage, before its first
+                step (data_contracts.check_tokenized): a stage's max_length is not this stage's key
 
 Dedup and decontamination work within a role (instruction, preference, prompt): rows of different
 roles have different fields and feed different stages.
@@ -44,13 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contracts import ContractRun
-from data_contracts.frames import (
-    CleanFrameBuilder,
-    dedup_key,
-    key_digest,
-    preference_frame,
-    sft_frame,
-)
+from data_contracts.frames import CleanFrameBuilder, dedup_key, key_digest
 from posttrain.artifacts import Artifact
 from posttrain.config import DataConfig
 from tasks.data import dedup
@@ -62,8 +57,8 @@ from tasks.data.records import ROLE_FIELDS, RULES, Origins, Removals, Row
 
 __all__ = ["RULES", "dedup_key", "normalize_text", "run", "split_order"]
 
-# The training stages each role feeds, and how that stage treats a row over its max_length.
-STAGE_SUITES = {"instruction": ("sft", "distill"), "preference": ("reward", "dpo")}
+# The contract suites this stage runs (one per role it writes): their bytes enter its cache key.
+DATA_FILES = ("data_contracts/instruction_clean.json", "data_contracts/preference_clean.json", "data_contracts/prompt_clean.json")
 
 
 def split_order(hashes: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, int]:
@@ -80,8 +75,8 @@ def output_record(row: Row) -> dict:
 
 
 class RoleStream:
-    """One role's dedup indexes and its survivors on disk (one JSON line each, plus its offset,
-    split hash and token counts in typed arrays)."""
+    """One role's dedup indexes and its survivors on disk (one JSON line each, plus its offset and
+    split hash in typed arrays)."""
 
     def __init__(self, role: str, fields: list[str], config: DataConfig, work_dir: Path):
         self.role, self.fields, self.config = role, fields, config
@@ -90,7 +85,6 @@ class RoleStream:
         self.path = work_dir / f"{role}.jsonl"
         self.handle = self.path.open("w+b")
         self.offsets, self.hashes = array("q"), array("q")
-        self.tokens = [array("i") for _ in range(4 if role == "preference" else 2)]
 
     def dedup(self, rows: list[Row], removals: Removals, origins: Origins) -> list[Row]:
         kept = []
@@ -118,8 +112,6 @@ class RoleStream:
             self.offsets.append(self.handle.tell())
             self.handle.write(json.dumps(output_record(row), ensure_ascii=False).encode() + b"\n")
             self.hashes.append(key_digest(f"{self.config.seed}\x1f{dedup_key(row.record, self.fields)}"))
-            for column, count in zip(self.tokens, row.tokens):
-                column.append(count)
 
     def write_splits(self, out_dir: Path) -> tuple[dict[str, int], CleanFrameBuilder]:
         """<role>/{train,eval}.jsonl in hash order; the row counts and the clean-suite columns."""
@@ -136,23 +128,6 @@ class RoleStream:
         self.handle.close()
         self.path.unlink()
         return {"train": len(order) - n_eval, "eval": n_eval}, builder
-
-    def token_columns(self) -> list[np.ndarray]:
-        return [np.frombuffer(column, dtype=np.int32) if len(column) else np.zeros(0, dtype=np.int32) for column in self.tokens]
-
-
-def stage_frames(stream: RoleStream, config: DataConfig) -> dict:
-    """The tokenized-contract frame of each training stage the role feeds, at that stage's max_length."""
-    columns = stream.token_columns()
-    frames = {}
-    for stage in STAGE_SUITES.get(stream.role, ()):
-        max_length = config.stage_max_length.get(stage, config.max_tokens)
-        if stream.role == "instruction":
-            frames[stage] = sft_frame(columns[0], columns[1], max_length)
-        else:
-            overlong = "dropped" if stage == "reward" else "truncated"
-            frames[stage] = preference_frame(*columns, max_length=max_length, overlong=overlong)
-    return frames
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -242,9 +217,6 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
         contracts = ContractRun(out_dir, docs_dir=out_dir / "data_docs")
         for role in roles:
             summaries.append(contracts.validate(clean_builders[role].frame(), f"{role}_clean"))
-        for role in roles:
-            for stage, frame in stage_frames(streams[role], config).items():
-                summaries.append(contracts.validate(frame, f"{stage}_tokenized"))
         contracts.build_docs()
     seconds["contracts"] = time.perf_counter() - clock
     total_seconds = time.perf_counter() - started
@@ -284,7 +256,6 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
         dedup_key=list(config.dedup_key),
         dedup_fields=dedup_fields,
         normalised=dict(sorted(removals.normalised.items())),
-        stage_max_length={stage: config.stage_max_length.get(stage, config.max_tokens) for role in roles for stage in STAGE_SUITES.get(role, ())},
         sources=tally,
         contracts=contract_summary,
     )

@@ -80,7 +80,9 @@ class Origins:
 
 @dataclass
 class Removals:
-    """Dropped rows by rule, streamed to rejected.jsonl in the order they were dropped.
+    """Dropped rows by rule, streamed to rejected.jsonl, which is put in reading order (row id) on
+    close: the file is then the same however the rows were batched (`data.batch_rows` is not part
+    of the cache key).
 
     Also counts what cleaning changed without dropping a row (`normalised`: placeholder inputs
     removed, PII replaced), so the manifest can say how much of the text was rewritten.
@@ -90,26 +92,41 @@ class Removals:
     counts: dict = field(default_factory=lambda: {rule: 0 for rule in RULES})
     normalised: dict = field(default_factory=dict)
     _handle: object = None
+    _offsets: array = field(default_factory=lambda: array("q"))
+    _row_ids: array = field(default_factory=lambda: array("q"))
 
     def __post_init__(self) -> None:
         if self.path is not None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._handle = Path(self.path).open("w", encoding="utf-8")
+            self._handle = Path(self.path).open("w+b")
 
     def add(self, rule: str, row: Row, **detail) -> None:
         self.counts[rule] += 1
         if self._handle is not None:
             entry = {"rule": rule, **row.origin(), "record": row.raw, **detail}
-            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._offsets.append(self._handle.tell())
+            self._row_ids.append(row.row_id)
+            self._handle.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
 
     def count(self, what: str, amount: int = 1) -> None:
         if amount:
             self.normalised[what] = self.normalised.get(what, 0) + amount
 
     def close(self) -> None:
-        if self._handle is not None:
+        if self._handle is None:
+            return
+        order = sorted(range(len(self._row_ids)), key=self._row_ids.__getitem__)
+        if order != list(range(len(order))):
+            sorted_path = Path(self.path).with_suffix(".sorted")
+            with sorted_path.open("wb") as out:
+                for position in order:
+                    self._handle.seek(self._offsets[position])
+                    out.write(self._handle.readline())
             self._handle.close()
-            self._handle = None
+            sorted_path.replace(self.path)
+        else:
+            self._handle.close()
+        self._handle = None
 
     def __enter__(self) -> Removals:
         return self

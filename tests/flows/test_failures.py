@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from posttrain.runs import find_run
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,7 @@ def test_failed_contract_stops_before_training_and_keeps_finished_work(tmp_path)
     [line] = error_lines(result)
     assert "data contract preference_clean" in line and "failed" in line
     assert "Traceback" not in result.stderr
-    record = json.loads((tmp_path / "root" / "runs" / "bad" / "run.json").read_text())
+    record = find_run(tmp_path / "root", "bad")
     assert record["status"] == "failed"
     assert record["stages"]["data"]["state"] == "failed"
     assert "sft" not in record["stages"]  # no training stage started
@@ -44,7 +46,7 @@ def test_failed_contract_stops_before_training_and_keeps_finished_work(tmp_path)
     [staging] = (tmp_path / "root" / "store" / "data").glob(".tmp-*")
     rejected = [json.loads(line) for line in (staging / "rejected.jsonl").read_text().splitlines()]
     assert [(r["rule"], r["source_row"]) for r in rejected if "pairs" in r["source"]] == [("same_pair", n) for n in range(1, 6)]
-    assert "Traceback" in (tmp_path / "root" / "logs" / "bad.log").read_text()  # the trace goes to the log
+    assert "Traceback" in (tmp_path / "root" / "logs" / f"{record['run_id']}.log").read_text()  # the trace goes to the log
 
 
 def test_bad_source_row_names_file_row_and_key(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.runs import find_run, list_runs
+
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["base", "benchmarks", "data", "sft", "reward", "align-dpo", "distill", "quantize", "evaluate"]
 
@@ -24,7 +26,7 @@ def posttrain(root: Path, *args: str, config: str = "configs/smoke.yaml") -> sub
 
 
 def record(root: Path) -> dict:
-    return json.loads((root / "runs" / "smoke" / "run.json").read_text())
+    return find_run(root, "smoke")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def test_first_run_builds_every_stage(first_run, root):
         manifest = json.loads((root / info["path"] / "manifest.json").read_text())
         assert manifest["fingerprint"] == info["fingerprint"]
         assert manifest["git"]["commit"]
-        assert "torch" in manifest["versions"]
+        assert "python" in manifest["versions"]
+        assert ("torch" in manifest["versions"]) == (stage != "benchmarks")  # the benchmark items need no torch
+        assert manifest["built_by"]["run_id"] == first_run["run_id"]
         assert manifest["path"] == f"store/{stage}/{info['fingerprint']}"  # relative paths
     evaluate = first_run["stages"]["evaluate"]["metrics"]
     for model in ("base", "sft", "align-dpo", "student", "quantize-nf4", "quantize-int8"):
@@ -122,6 +126,82 @@ def test_deleted_artifact_is_rebuilt_despite_prefect_cache(first_run, root):
     assert states.pop("distill") == "built"
     assert set(states.values()) == {"cached"}
     assert (root / first_run["stages"]["distill"]["path"] / "manifest.json").is_file()
+
+
+def test_sft_max_length_change_leaves_data_cached(first_run, root):
+    """The tokenized contract runs in sft at sft.max_length: data does not depend on it."""
+    result = posttrain(root, "--set", "sft.max_length=90")
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = {stage: info["state"] for stage, info in record(root)["stages"].items()}
+    assert (states["data"], states["sft"]) == ("cached", "built")
+    sft_folder = root / record(root)["stages"]["sft"]["path"]
+    assert json.loads((sft_folder / "contracts" / "sft_tokenized.json").read_text())["success"] is True
+
+
+def _mlflow_runs(store_root: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store_root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain")
+    return client.search_runs([experiment.experiment_id], max_results=5000), experiment
+
+
+def test_a_tampered_split_is_refused_not_trained_on(first_run, root, tmp_path):
+    copy = tmp_path / "tampered"
+    subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
+    split = copy / first_run["stages"]["data"]["path"] / "instruction" / "train.jsonl"
+    split.write_text(split.read_text()[:200])  # truncated in place
+    result = posttrain(copy, "--set", "sft.lr=1e-3")
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"{first_run['stages']['data']['path']}: instruction/train.jsonl changed size" in line
+    assert "Traceback" not in result.stderr
+    refused = record(copy)
+    assert refused["status"] == "failed" and refused["stages"]["data"]["state"] == "failed" and "sft" not in refused["stages"]
+
+
+def test_a_copied_and_a_moved_store_work_and_stay_independent(first_run, root, tmp_path):
+    original_runs, _ = _mlflow_runs(root)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
+    for where in (copy, tmp_path / "moved"):
+        if where != copy:
+            copy.rename(where)  # mv
+        result = posttrain(where)
+        assert result.returncode == 0, result.stderr[-3000:]
+        latest = record(where)
+        assert {info["state"] for info in latest["stages"].values()} == {"cached"}
+        runs, experiment = _mlflow_runs(where)
+        assert experiment.artifact_location == (where / "mlartifacts").as_uri()
+        assert all(run.info.artifact_uri.startswith((where / "mlartifacts").as_uri()) for run in runs)
+        parent = next(run for run in runs if run.info.run_id == latest["mlflow_parent_run_id"])
+        assert (where / "mlartifacts" / parent.info.run_id / "artifacts" / "config.yaml").is_file()
+    # The original store is untouched: no run of the copies was logged into it.
+    after, experiment = _mlflow_runs(root)
+    assert len(after) == len(original_runs) and experiment.artifact_location == (root / "mlartifacts").as_uri()
+    for manifest in (root / "store").glob("*/*/manifest.json"):
+        assert str(root) not in manifest.read_text()  # manifests name paths relative to the store root
+    for result_file in (root / "prefect" / "results").iterdir():
+        payload = json.loads(json.loads(result_file.read_text())["result"])
+        assert not Path(payload["path"]).is_absolute()
+
+
+def test_each_run_keeps_its_own_record_and_log(first_run, root):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    listed = subprocess.run([sys.executable, "-m", "posttrain.cli", "runs", "--root", str(root)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and first_run["run_id"] in listed.stdout
+    records = list_runs(root)
+    assert len(records) >= 5 and len({r["run_id"] for r in records}) == len(records)
+    assert records[0]["run_id"] == first_run["run_id"] and records[0]["stages"] == first_run["stages"]  # not overwritten
+    assert {r["run_id"] for r in records} <= {path.stem for path in (root / "logs").glob("*.log")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "status", first_run["run_id"], "--json", "--root", str(root)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0
+    data = json.loads(shown.stdout)
+    assert data["run_id"] == first_run["run_id"] and data["overrides"] == [f"store_root={root}"]
+    assert data["config_sha256"] and data["config"]["sft"]["max_steps"] == 8
+    assert all({"fingerprint", "state", "started_at", "finished_at", "mlflow_run_id"} <= set(info) for info in data["stages"].values())
 
 
 def test_status_shows_the_run(first_run, root):

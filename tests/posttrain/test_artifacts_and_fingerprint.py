@@ -2,13 +2,14 @@
 fingerprint changes exactly when something that shapes the output changes."""
 
 import json
+import os
 import types
 from pathlib import Path
 
 import pytest
 
 import tasks.sft
-from posttrain.artifacts import MANIFEST, Artifact, Store, digest_dir
+from posttrain.artifacts import MANIFEST, Artifact, Store, TamperedArtifact, check_files, digest_dir
 from posttrain.config import LauncherConfig, SftConfig
 from posttrain.fingerprint import fingerprint
 from posttrain.runner import execute_stage
@@ -46,15 +47,15 @@ def _inputs(digest="d1"):
 
 
 def test_fingerprint_changes_with_config_inputs_seed_but_not_launcher():
-    section = SftConfig(max_steps=10)
-    key = fingerprint("sft", tasks.sft, section, _inputs(), seed=0)
-    assert key == fingerprint("sft", tasks.sft, SftConfig(max_steps=10), _inputs(), seed=0)
-    assert key != fingerprint("sft", tasks.sft, SftConfig(max_steps=11), _inputs(), seed=0)
-    assert key != fingerprint("sft", tasks.sft, section, _inputs("d2"), seed=0)
-    assert key != fingerprint("sft", tasks.sft, section, _inputs(), seed=1)
-    assert key != fingerprint("reward", tasks.sft, section, _inputs(), seed=0)
-    relaunched = SftConfig(max_steps=10, launcher=LauncherConfig(kind="subprocess"))
-    assert key == fingerprint("sft", tasks.sft, relaunched, _inputs(), seed=0)
+    section = SftConfig(max_steps=10, seed=0)
+    key = fingerprint("sft", tasks.sft, section, _inputs())
+    assert key == fingerprint("sft", "tasks.sft", SftConfig(max_steps=10, seed=0), _inputs())  # by name: nothing imported
+    assert key != fingerprint("sft", tasks.sft, SftConfig(max_steps=11, seed=0), _inputs())
+    assert key != fingerprint("sft", tasks.sft, section, _inputs("d2"))
+    assert key != fingerprint("sft", tasks.sft, SftConfig(max_steps=10, seed=1), _inputs())
+    assert key != fingerprint("reward", tasks.sft, section, _inputs())
+    relaunched = SftConfig(max_steps=10, seed=0, launcher=LauncherConfig(kind="subprocess"))
+    assert key == fingerprint("sft", tasks.sft, relaunched, _inputs())
 
 
 def test_fingerprint_changes_with_stage_source(tmp_path):
@@ -62,9 +63,9 @@ def test_fingerprint_changes_with_stage_source(tmp_path):
     source.write_text("x = 1\n")
     module = types.ModuleType("fake_stage")
     module.__file__ = str(source)
-    before = fingerprint("fake", module, {}, {}, seed=0)
+    before = fingerprint("fake", module, {}, {})
     source.write_text("x = 2\n")
-    assert fingerprint("fake", module, {}, {}, seed=0) != before
+    assert fingerprint("fake", module, {}, {}) != before
 
 
 def _counting_stage(tmp_path):
@@ -114,3 +115,60 @@ def test_failed_stage_leaves_no_artifact_and_keeps_finished_ones(tmp_path):
     assert (tmp_path / "root" / "store" / "count" / leftovers[0] / "partial.bin").is_file()
     assert not (tmp_path / "root" / "store" / "count" / leftovers[0] / "manifest.json").exists()
     assert store.lookup("count", finished.artifact.fingerprint) is not None
+
+
+# ----------------------------------------------------------------------------- integrity of a hit
+
+
+def _published(tmp_path):
+    module, _ = _counting_stage(tmp_path)
+    store = Store(tmp_path / "root")
+    outcome = execute_stage("count", module, {"k": 1}, {}, store, seed=0, run_id="run-1")
+    return store, outcome.artifact
+
+
+def test_manifest_records_files_and_the_building_run(tmp_path):
+    _, artifact = _published(tmp_path)
+    size, mtime_ns, sha = artifact.manifest["files"]["out.txt"]
+    assert size == (artifact.path / "out.txt").stat().st_size and mtime_ns == (artifact.path / "out.txt").stat().st_mtime_ns
+    assert artifact.manifest["built_by"]["run_id"] == "run-1"
+    assert artifact.manifest["code"]["modules"] and artifact.manifest["versions"]["python"].startswith("cpython-")
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda folder: (folder / "out.txt").write_text("x"), "out.txt changed size"),
+        (lambda folder: (folder / "out.txt").write_text("{'k': 2}"), "out.txt changed content"),  # same size, new mtime
+        (lambda folder: (folder / "out.txt").unlink(), "out.txt is missing"),
+        (lambda folder: (folder / "sneaked.jsonl").write_text("{}"), "sneaked.jsonl was added"),
+    ],
+)
+def test_a_tampered_artifact_is_refused_with_one_line(tmp_path, tamper, problem):
+    store, artifact = _published(tmp_path)
+    tamper(artifact.path)
+    with pytest.raises(TamperedArtifact) as caught:
+        store.lookup("count", artifact.fingerprint)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"store/count/{artifact.fingerprint}: {problem}")
+
+
+def test_a_touched_but_unchanged_file_is_rehashed_and_accepted(tmp_path):
+    store, artifact = _published(tmp_path)
+    os.utime(artifact.path / "out.txt", ns=(1, 1))  # what `cp -r` without -a does to mtimes
+    assert store.lookup("count", artifact.fingerprint).digest == artifact.digest
+
+
+def test_verify_rehashes_and_finds_same_size_same_mtime_edits(tmp_path):
+    store, artifact = _published(tmp_path)
+    target = artifact.path / "out.txt"
+    stat = target.stat()
+    target.write_text("{'k': 3}")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # invisible to the cheap check
+    assert store.lookup("count", artifact.fingerprint) is not None
+    with pytest.raises(TamperedArtifact, match="out.txt changed content"):
+        check_files(artifact, rehash=True)
+    from posttrain.cli import main
+
+    assert main(["verify", "--root", str(store.root)]) == 1
+    assert main(["verify", str(artifact.path), "--root", str(store.root)]) == 1

@@ -375,4 +375,4 @@ def test_stage_mixes_formats_and_containers(tmp_path, tiny_base):
     assert sorted(pair["prompt"] for pair in preference) == ["Tell me a joke.", "Why is the sky blue?"]
     prompts = read_jsonl(out_dir / "prompt" / "train.jsonl") + read_jsonl(out_dir / "prompt" / "eval.jsonl")
     assert {"prompt": "Call <PHONE>?", "answer": "no"} in prompts and {"prompt": "What is 2+2?", "answer": "4"} in prompts
-    assert manifests[1]["contracts"]["dpo_tokenized"]["passed"] == 7
+    assert manifests[1]["contracts"]["preference_clean"]["passed"] == 18

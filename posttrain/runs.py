@@ -1,0 +1,112 @@
+"""Run records: `runs/<run id>/run.json`, one per pipeline run, never overwritten by a later run.
+
+    record = RunRecord.start(root, cfg, config_path, overrides)    # a new id: demo-20261202-101500-3f2a
+    record.stage_started("sft", fingerprint)
+    record.stage_finished("sft", {...})
+    record.finish("succeeded")
+    find_run(root, "demo")          # the newest run named demo (or a run id, or None: the newest)
+
+A record holds the resolved config, the `--set` overrides, the config file's sha256, the process
+that ran it (host, pid), and per stage its fingerprint, state (running, built, cached, failed),
+start and end times, seconds, store path, MLflow run and key metrics. It is rewritten atomically
+after every stage, so it is always readable, even while the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from posttrain.artifacts import write_json_atomic
+
+RECORD = "run.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id(run_name: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{run_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+class RunRecord:
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = Path(path), data
+
+    @classmethod
+    def start(cls, root: Path, cfg, config_path: str, overrides: list[str], config_text: str) -> "RunRecord":
+        run_id = new_run_id(cfg.run_name)
+        data = {
+            "run_id": run_id,
+            "run_name": cfg.run_name,
+            "status": "running",
+            "started_at": now(),
+            "config_path": str(config_path),
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            "overrides": list(overrides),
+            "config": cfg.model_dump(mode="json"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "stages": {},
+        }
+        record = cls(Path(root) / "runs" / run_id / RECORD, data)
+        record.save()
+        return record
+
+    @classmethod
+    def load(cls, path: Path) -> "RunRecord":
+        return cls(Path(path), json.loads(Path(path).read_text()))
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data, sort_keys=False)
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def stage_started(self, stage: str, fingerprint: str | None) -> None:
+        self.data["stages"][stage] = {"state": "running", "fingerprint": fingerprint, "started_at": now()}
+        self.save()
+
+    def stage_finished(self, stage: str, fields: dict) -> None:
+        self.data["stages"][stage] = {**self.data["stages"][stage], **fields, "finished_at": now()}
+        self.save()
+
+    def finish(self, status: str) -> None:
+        self.data["status"] = status
+        self.data["finished_at"] = now()
+        self.save()
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every readable run record under the store root, oldest first."""
+    records = []
+    for path in (Path(root) / "runs").glob(f"*/{RECORD}"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(records, key=lambda record: (record.get("started_at", ""), record.get("run_id", "")))
+
+
+def find_run(root: Path, name_or_id: str | None) -> dict | None:
+    """A run by id, else the newest run of that name, else (None given) the newest run."""
+    runs = list_runs(root)
+    if name_or_id is None:
+        return runs[-1] if runs else None
+    for record in runs:
+        if record.get("run_id") == name_or_id:
+            return record
+    named = [record for record in runs if record.get("run_name") == name_or_id]
+    return named[-1] if named else None
