@@ -3,7 +3,7 @@
     instruction_clean.json   data (raw -> clean) -> sft, distill   <data>/instruction/{train,eval}.jsonl
     preference_clean.json    data (raw -> clean) -> reward, dpo    <data>/preference/{train,eval}.jsonl
     prompt_clean.json        data (raw -> clean) -> grpo/ppo       <data>/prompt/{train,eval}.jsonl
-    sft_tokenized.json       data -> sft       instruction rows as encode_example cuts them at sft.max_length
+    sft_tokenized.json       data -> sft       conversations as ChatFormat encodes them at sft.max_length
     distill_tokenized.json   data -> distill   the same at distill.max_length
     reward_tokenized.json    data -> reward    pairs at reward.max_length (longer pairs are dropped)
     dpo_tokenized.json       data -> dpo       pairs at align.dpo.max_length (longer pairs are truncated)
@@ -28,9 +28,9 @@ from data_contracts.check import (
 from data_contracts.frames import (
     CleanFrameBuilder,
     clean_frame,
+    instruction_frame,
+    pair_columns,
     preference_frame,
-    sft_frame,
-    tokenized_frame,
 )
 from data_contracts.tokenized import check_instruction_rows, check_preference_rows
 
@@ -43,8 +43,8 @@ __all__ = [
     "clean_frame",
     "load_suite",
     "preference_frame",
-    "sft_frame",
+    "instruction_frame",
+    "pair_columns",
     "suite_names",
-    "tokenized_frame",
     "validate",
 ]

@@ -9,15 +9,15 @@ included) instead of on samples or chunks.
     builder.add(record, "train")                          # for each output row
     validate(builder.frame(), "instruction_clean", out_dir)
 
-    sft_frame(*instruction_tokens(tokenizer, records), max_length)               # numpy arrays of counts
-    preference_frame(*preference_tokens(tokenizer, pairs), max_length, overlong="dropped")
+    instruction_frame(ChatFormat(tokenizer).encode_rows(records, max_length))
+    preference_frame(*pair_columns(ChatFormat(tokenizer).split_replies(pairs)), max_length, overlong="dropped")
 
 Clean frame columns: `<field>_chars` (null when the field is missing or not a string),
 `<field>_control_chars`, `<field>_padded` (leading/trailing whitespace), `text_chars` (prompt +
 the longest completion field), `dedup_key` (64-bit digest of the whitespace-collapsed dedup key),
 `split`, and for pairs `chosen_equals_rejected`.
 
-Pure pandas/numpy (a tokenizer only for `tokenized_frame`); no Great Expectations import.
+Pure pandas/numpy on encodings made elsewhere (posttrain.formatting); no Great Expectations import.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from array import array
 import numpy as np
 import pandas as pd
 
-from posttrain.formatting import completion_text, prompt_text, token_ids
+from posttrain.formatting import IGNORE_INDEX
 
 DEDUP_KEY_SEPARATOR = "\x1f"  # unit separator: cannot occur in normalised text, so keys never collide by joining
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # what normalisation removes (\n stays)
@@ -119,18 +119,18 @@ def clean_frame(splits: dict[str, list[dict]], fields: list[str], dedup_fields: 
 # ----------------------------------------------------------------------------- after tokenization
 
 
-def sft_frame(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, max_length: int) -> pd.DataFrame:
-    """Instruction rows as formatting.encode_example cuts them at `max_length` (sft, distill).
+def instruction_frame(encoded: list[dict]) -> pd.DataFrame:
+    """Conversations as a training stage encodes them at its max_length (ChatFormat.encode_rows:
+    the model's chat template, loss on the assistant replies).
 
-    `completion_tokens` include the EOS. Columns: total_tokens, trainable_tokens (labels that count
-    in the loss), truncated, trainable_fraction.
+    Columns: total_tokens, trainable_tokens (labels that count in the loss), truncated,
+    trainable_fraction.
     """
-    prompt_tokens, completion_tokens = np.asarray(prompt_tokens, dtype=np.int64), np.asarray(completion_tokens, dtype=np.int64)
-    full = prompt_tokens + completion_tokens
-    total = np.minimum(full, max_length)
-    trainable = np.clip(total - prompt_tokens, 0, None)
+    total = np.array([len(example["input_ids"]) for example in encoded], dtype=np.int64)
+    trainable = np.array([sum(label != IGNORE_INDEX for label in example["labels"]) for example in encoded], dtype=np.int64)
+    truncated = np.array([example["truncated"] for example in encoded], dtype=bool)
     fraction = np.divide(trainable, total, out=np.zeros(len(total)), where=total > 0)
-    return pd.DataFrame({"total_tokens": total, "trainable_tokens": trainable, "truncated": full > max_length, "trainable_fraction": fraction})
+    return pd.DataFrame({"total_tokens": total, "trainable_tokens": trainable, "truncated": truncated, "trainable_fraction": fraction})
 
 
 def preference_frame(
@@ -143,10 +143,11 @@ def preference_frame(
 ) -> pd.DataFrame:
     """Pairs as a preference trainer sees them at `max_length`.
 
-    Completion counts include the EOS; `common_prefix` is the length of the common prefix of the
-    chosen and rejected completion ids (+ EOS). `overlong="dropped"` (RewardTrainer drops pairs
-    longer than max_length, so identity is judged on the whole sequences) or "truncated" (DPO keeps
-    the first max_length tokens, so two answers that differ only beyond it look the same).
+    Counts: the prompt (context, generation prompt included) and each reply with its end-of-turn
+    marker, as ChatFormat.split_replies gives them; `common_prefix` is the length of the common
+    prefix of the two replies' ids. `overlong="dropped"` (RewardTrainer drops pairs longer than
+    max_length, so identity is judged on the whole sequences) or "truncated" (DPO keeps the first
+    max_length tokens, so two answers that differ only beyond it look the same).
     Columns: chosen_trainable, rejected_trainable, truncated (either side longer than max_length),
     identical (same completion ids as trained on), trainable_fraction (of both sides together).
     """
@@ -167,28 +168,15 @@ def preference_frame(
     )
 
 
-def instruction_tokens(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt and completion (+ EOS) token counts of instruction records, as
-    formatting.encode_example counts them, in two batched tokenizer calls."""
-    prompts = token_ids(tokenizer, [prompt_text(record["prompt"]) for record in records])
-    completions = token_ids(tokenizer, [completion_text(record["response"]) for record in records])
-    return np.array([len(ids) for ids in prompts], dtype=np.int64), np.array([len(ids) + 1 for ids in completions], dtype=np.int64)
-
-
-def preference_tokens(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Prompt, chosen and rejected (+ EOS) token counts of pairs, and the common prefix of the two
-    completions' ids (+ EOS): the columns preference_frame takes."""
-    prompts = token_ids(tokenizer, [prompt_text(record["prompt"]) for record in records])
-    chosen = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, [completion_text(record["chosen"]) for record in records])]
-    rejected = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, [completion_text(record["rejected"]) for record in records])]
-    common = [len(os.path.commonprefix([a, b])) for a, b in zip(chosen, rejected)]
+def pair_columns(split: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """preference_frame's count columns from ChatFormat.split_replies output."""
     as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
-    return as_array([len(ids) for ids in prompts]), as_array([len(ids) for ids in chosen]), as_array([len(ids) for ids in rejected]), as_array(common)
-
-
-def tokenized_frame(records: list[dict], tokenizer, max_length: int) -> pd.DataFrame:
-    """`sft_frame` of in-memory instruction records."""
-    return sft_frame(*instruction_tokens(tokenizer, records), max_length)
+    return (
+        as_array([len(parts["prompt_ids"]) for parts in split]),
+        as_array([len(parts["chosen_ids"]) for parts in split]),
+        as_array([len(parts["rejected_ids"]) for parts in split]),
+        as_array([len(os.path.commonprefix([parts["chosen_ids"], parts["rejected_ids"]])) for parts in split]),
+    )
 
 
 __all__ = [
@@ -196,10 +184,8 @@ __all__ = [
     "CleanFrameBuilder",
     "clean_frame",
     "dedup_key",
+    "instruction_frame",
     "key_digest",
-    "instruction_tokens",
+    "pair_columns",
     "preference_frame",
-    "preference_tokens",
-    "sft_frame",
-    "tokenized_frame",
 ]

@@ -1,10 +1,12 @@
 """The tokenized contracts, run by the training stage that consumes the data, before its first step.
 
-    check_instruction_rows("sft", tokenizer, {"train": rows, "eval": held_out}, 96, out_dir, overlong="truncated")
-    check_preference_rows("reward", tokenizer, {"train": pairs}, 96, out_dir, overlong="dropped")
+    encoded = {split: chat.encode_rows(rows, max_length=96) for split, rows in splits.items()}
+    check_instruction_rows("sft", splits, encoded, out_dir, overlong="truncated")
+    check_preference_rows("reward", pairs, {split: chat.split_replies(rows) for split, rows in pairs.items()}, 96, out_dir, overlong="dropped")
 
-Each training stage tokenizes with its own tokenizer and template at its own `max_length`, so the
-check lives with the stage, not in the data stage: changing `sft.max_length` re-runs SFT, not the
+Each training stage encodes with its own tokenizer and chat template at its own `max_length`
+(posttrain.formatting.ChatFormat) and hands those very encodings here, so the contract checks what
+is trained on and nothing is tokenized twice. The check lives with the stage, not in the data stage: changing `sft.max_length` re-runs SFT, not the
 data. Rows a rule flags — truncated, nothing left to train on, chosen and rejected identical as
 trained on — go to `<out_dir>/rejected.jsonl` with the rule, the split and row number, and what
 the stage does with them (`dropped`, `truncated`, or `kept`); validation results go to
@@ -17,10 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from data_contracts.check import validate
-from data_contracts.frames import instruction_tokens, preference_frame, preference_tokens, sft_frame
+from data_contracts.frames import instruction_frame, pair_columns, preference_frame
 
 
 def _write_flags(out_dir: Path, flagged: list[dict]) -> None:
@@ -29,18 +29,17 @@ def _write_flags(out_dir: Path, flagged: list[dict]) -> None:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in flagged)
 
 
-def _splits_frame(splits: dict[str, list[dict]], build) -> tuple[pd.DataFrame, list[tuple[str, int, dict]]]:
-    rows = [(split, number, record) for split, records in splits.items() for number, record in enumerate(records, start=1)]
-    return build([record for _, _, record in rows]), rows
+def _numbered(splits: dict[str, list]) -> list[tuple[str, int]]:
+    return [(split, number) for split, items in splits.items() for number in range(1, len(items) + 1)]
 
 
-def check_instruction_rows(
-    stage: str, tokenizer, splits: dict[str, list[dict]], max_length: int, out_dir: Path, overlong: str
-) -> dict:
-    """sft / distill: `overlong` is what the stage does with a row over max_length ("truncated")."""
-    frame, rows = _splits_frame(splits, lambda records: sft_frame(*instruction_tokens(tokenizer, records), max_length))
+def check_instruction_rows(stage: str, records: dict[str, list[dict]], encoded: dict[str, list[dict]], out_dir: Path, overlong: str) -> dict:
+    """sft / distill. `encoded`: the stage's own ChatFormat.encode_rows output per split, at its
+    max_length (what it trains on); `overlong`: what the stage does with a longer row."""
+    frame = instruction_frame([example for split in records for example in encoded[split]])
     flagged = []
-    for (split, number, record), truncated, trainable in zip(rows, frame["truncated"], frame["trainable_tokens"]):
+    for (split, number), truncated, trainable in zip(_numbered(records), frame["truncated"], frame["trainable_tokens"]):
+        record = records[split][number - 1]
         if trainable == 0:
             flagged.append({"rule": "no_trainable_tokens", "action": "dropped", "split": split, "row": number, "prompt": record["prompt"]})
         elif truncated:
@@ -50,14 +49,15 @@ def check_instruction_rows(
 
 
 def check_preference_rows(
-    stage: str, tokenizer, splits: dict[str, list[dict]], max_length: int, out_dir: Path, overlong: str
+    stage: str, records: dict[str, list[dict]], parts: dict[str, list[dict]], max_length: int, out_dir: Path, overlong: str
 ) -> dict:
-    """reward (`overlong="dropped"`: RewardTrainer drops longer pairs) / dpo ("truncated")."""
-    frame, rows = _splits_frame(
-        splits, lambda records: preference_frame(*preference_tokens(tokenizer, records), max_length=max_length, overlong=overlong)
-    )
+    """reward (`overlong="dropped"`: RewardTrainer drops longer pairs) / dpo ("truncated").
+    `parts`: the stage's ChatFormat.split_replies output per split."""
+    columns = pair_columns([pair for split in records for pair in parts[split]])
+    frame = preference_frame(*columns, max_length=max_length, overlong=overlong)
     flagged = []
-    for (split, number, record), truncated, identical in zip(rows, frame["truncated"], frame["identical"]):
+    for (split, number), truncated, identical in zip(_numbered(records), frame["truncated"], frame["identical"]):
+        record = records[split][number - 1]
         if identical:
             flagged.append({"rule": "identical_as_trained", "action": "kept", "split": split, "row": number, "prompt": record["prompt"]})
         elif truncated:

@@ -307,6 +307,7 @@ class SftConfig(Section):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = 0.0
     max_length: int = Field(96, ge=8)
+    train_on: Literal["all", "last"] = Field("all", description="assistant turns the loss covers in a multi-turn chat")
     eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
     launcher: LauncherConfig = launcher_field()
 

@@ -50,7 +50,8 @@ def read_preference_pairs(path: str | Path) -> list[dict]:
 
 
 def read_instruction_rows(path: str | Path) -> list[dict]:
-    """Instruction rows from one split, checked: every row needs string `prompt` and `response`."""
+    """Instruction rows from one split, checked: every row needs string `prompt` and `response`,
+    and `messages`, where present, is a list of {role, content} turns ending with the assistant's."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found (the data artifact has no instruction split)")
@@ -59,4 +60,12 @@ def read_instruction_rows(path: str | Path) -> list[dict]:
         for key in ("prompt", "response"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{path} row {number}: key {key!r} must be a string")
+        turns = row.get("messages")
+        if turns is not None and (
+            not isinstance(turns, list)
+            or not turns
+            or not all(isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in turns)
+            or turns[-1]["role"] != "assistant"
+        ):
+            raise ValueError(f"{path} row {number}: key 'messages' must be a list of {{role, content}} turns ending with the assistant's")
     return rows

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from posttrain.formatting import DEMO_CHAT_TEMPLATE, ensure_chat_template
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
 
 
@@ -50,7 +52,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     # become one unknown token.
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # join characters back without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS, padding_side="right")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS, padding_side="right")
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE  # "Q: {prompt}\nA: {response}</s>", saved with the tokenizer
+    return tokenizer
 
 
 def build_tiny(tiny, seed: int, tokenizer: PreTrainedTokenizerFast | None = None):
@@ -88,7 +92,8 @@ def load_tokenizer(name_or_path: str | Path, revision: str | None = None, trust_
     if tokenizer.pad_token is None:
         # Many base models ship without a pad token; padding is always masked, so EOS is safe to reuse.
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    # A base model without a chat template gets the demo's, so every stage renders one way.
+    return ensure_chat_template(tokenizer)
 
 
 def load_causal_lm(

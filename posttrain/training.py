@@ -123,7 +123,8 @@ class ProgressCallback(TrainerCallback):
 
 def quiet(trainer) -> None:
     """Drop transformers' own log printer: ProgressCallback already reports, one line per interval."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback as TqdmCallback
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as TqdmCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(TqdmCallback)

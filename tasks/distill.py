@@ -39,6 +39,7 @@ from data_contracts import check_instruction_rows
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import DistillConfig, StudentConfig, TinyModelConfig
+from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows
 from posttrain.models import (
     build_tiny,
@@ -66,10 +67,9 @@ def _input_dir(inputs: dict[str, Artifact], name: str) -> Path:
 
 
 
-def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """encode_example for each row; rows whose completion was cut off entirely by max_length are
-    dropped (they would have no completion position to learn from)."""
-    examples = [formatting.encode_example(tokenizer, row["prompt"], row["response"], max_length) for row in rows]
+def trainable(examples: list[dict]) -> list[dict]:
+    """The encoded rows that keep a completion token within max_length (the others have no
+    completion position to learn from)."""
     return [example for example in examples if any(label != IGNORE for label in example["labels"][1:])]
 
 
@@ -219,10 +219,12 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
     pad_id = tokenizer.pad_token_id
     train_path, eval_path = data_dir / "instruction" / "train.jsonl", data_dir / "instruction" / "eval.jsonl"
     train_rows, eval_rows = read_instruction_rows(train_path), read_instruction_rows(eval_path)
-    # Rows with no completion token within max_length are dropped below; the contract bounds them first.
-    contract = check_instruction_rows("distill", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="truncated")
-    train_examples = encode_rows(tokenizer, train_rows, config.max_length)
-    eval_examples = encode_rows(tokenizer, eval_rows, config.max_length)
+    # Encoded once with the chat template; rows with no completion token within max_length are dropped
+    # below, and the tokenized contract bounds them (and truncation) before the first step.
+    records = {"train": train_rows, "eval": eval_rows}
+    encoded = {split: ChatFormat(tokenizer).encode_rows(rows, config.max_length) for split, rows in records.items()}
+    contract = check_instruction_rows("distill", records, encoded, out_dir, overlong="truncated")
+    train_examples, eval_examples = trainable(encoded["train"]), trainable(encoded["eval"])
     for path, examples in ((train_path, train_examples), (eval_path, eval_examples)):
         if not examples:
             raise ValueError(f"{path}: no row keeps a completion token within max_length {config.max_length}")

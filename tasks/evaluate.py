@@ -4,8 +4,9 @@
 
 Every input other than `benchmarks` is a model folder. An input whose manifest lists `variants`
 (the quantize stage) contributes one model per variant subfolder (`quantize-nf4`, ...). Each model
-generates greedily for every benchmark prompt, formatted by posttrain.formatting exactly as in
-training, and is scored by exact match per skill. Writes `results.json` (the table) and
+generates greedily for every benchmark prompt — the prompt is the user message, the model's own
+chat template wraps it (posttrain.formatting.ChatFormat), as in training — and is scored by exact
+match per skill. Writes `results.json` (the table) and
 `results.md`; metrics are `<model>.<benchmark>.<skill>` and `<model>.<benchmark>.mean`.
 """
 
@@ -22,6 +23,7 @@ from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.benchmarks import exact_match
 from posttrain.config import EvaluateConfig
+from posttrain.formatting import ChatFormat, record_messages
 from posttrain.jsonl import read_jsonl
 from posttrain.models import load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes
 
@@ -43,22 +45,27 @@ def model_folders(inputs: dict[str, Artifact]) -> dict[str, Path]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for raw prompts, batched with left padding."""
-    tokenizer.padding_side = "left"
+    """Greedy answers for benchmark prompts: each prompt is the user message, the model's chat
+    template wraps it (with the generation prompt), generation stops at EOS or the end of turn;
+    batched with left padding."""
+    chat = ChatFormat(tokenizer)
     device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [formatting.prompt_text(prompt) for prompt in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = chat.prompt_ids([{"prompt": prompt} for prompt in prompts[start : start + batch_size]])
+        width = max(len(row) for row in ids)
+        input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
         output = model.generate(
-            **batch,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            eos_token_id=chat.stop_token_ids,
         )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+        for row in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True):
             answers.append(formatting.parse_completion(row))
     return answers
 
@@ -124,10 +131,14 @@ def run(config: EvaluateConfig, inputs: dict[str, Artifact], out_dir: Path) -> A
     }
     table: dict[str, dict] = {}
     all_samples: dict[str, list[dict]] = {}
+    templates: dict[str, dict] = {}
+    first_prompt = next(iter(benchmarks.values()))[0]["prompt"]
     for model_name, folder in model_folders(inputs).items():
         scores, samples = score_model(folder, benchmarks, config)
         table[model_name] = {"scores": scores}
         all_samples[model_name] = samples
+        # The template each model generated with, and the first prompt as it saw it.
+        templates[model_name] = ChatFormat(load_tokenizer(folder)).describe(record_messages({"prompt": first_prompt}, None), add_generation_prompt=True)
 
     out_dir = Path(out_dir)
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
@@ -141,4 +152,4 @@ def run(config: EvaluateConfig, inputs: dict[str, Artifact], out_dir: Path) -> A
                 continue
             for skill, value in per_skill.items():
                 metrics[f"{model_name}.{bench_name}.{skill}"] = round(value, 4)
-    return Artifact.draft(out_dir, metrics, models=list(table))
+    return Artifact.draft(out_dir, metrics, models=list(table), chat_templates=templates)

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import QuantizeConfig
+from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows
 from posttrain.models import folder_size_bytes, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes
 from posttrain.scoring import completion_scores
@@ -97,15 +98,17 @@ def quantized_fraction(model) -> float:
 
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts: list[str]) -> list[list[int]]:
-    """A few greedy tokens per prompt, one prompt at a time (no padding to get wrong)."""
+    """A few greedy tokens per prompt (rendered with the chat template), one prompt at a time (no
+    padding to get wrong)."""
     device = next(model.parameters()).device
     outputs = []
-    for prompt in prompts:
-        encoded = tokenizer(formatting.prompt_text(prompt), return_tensors="pt", add_special_tokens=False).to(device)
+    for ids in ChatFormat(tokenizer).prompt_ids([{"prompt": prompt} for prompt in prompts]):
+        encoded = torch.tensor([ids], device=device)
         generated = model.generate(
-            **encoded, max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            input_ids=encoded, attention_mask=torch.ones_like(encoded), max_new_tokens=GENERATE_TOKENS, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
-        outputs.append(generated[0, encoded["input_ids"].shape[1] :].tolist())
+        outputs.append(generated[0, encoded.shape[1] :].tolist())
     return outputs
 
 
@@ -128,7 +131,7 @@ def run(config: QuantizeConfig, inputs: dict[str, Artifact], out_dir: Path) -> A
     if not rows:
         raise ValueError(f"{eval_path}: no rows to measure the quantization loss on")
     max_length = source.config.max_position_embeddings
-    examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+    examples = ChatFormat(tokenizer).encode_rows(rows, max_length)
     source_loss, source_predictions = completion_scores(source, examples, tokenizer.pad_token_id)
     prompts = [row["prompt"] for row in rows[:GENERATE_PROMPTS]]
     source_continuations = greedy_continuations(source, tokenizer, prompts)

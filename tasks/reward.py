@@ -8,7 +8,8 @@ body becomes the reward model's body under a fresh one-output `score` head; `dat
 whose `preference/{train,eval}.jsonl` rows are `{"prompt", "chosen", "rejected"}`.
 
 Output: a `AutoModelForSequenceClassification` folder (safetensors + tokenizer) whose logit for
-`prompt_text(prompt) + completion_text(answer) + EOS` scores the answer. The figure that matters is
+the prompt and the answer, rendered with the model's chat template (the answer ending with its
+end-of-turn token; posttrain.formatting.ChatFormat), scores the answer. The figure that matters is
 held-out pairwise accuracy — the fraction of eval pairs where chosen scores above rejected — measured
 here, by our own code, before and after training, so the gain over the untrained head is visible.
 """
@@ -22,7 +23,7 @@ import torch
 from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
-from posttrain.formatting import preference_example
+from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
@@ -31,39 +32,37 @@ SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger th
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
-def pair_texts(row: dict, eos_token: str) -> tuple[str, str]:
-    """The exact strings RewardTrainer scores: prompt + completion + EOS (it appends EOS itself)."""
-    example = preference_example(row)
-    return (example["prompt"] + example["chosen"] + eos_token, example["prompt"] + example["rejected"] + eos_token)
+def pair_ids(parts: list[dict]) -> list[dict]:
+    """Per pair the token ids RewardTrainer scores, from ChatFormat.split_replies: prompt + chosen
+    reply and prompt + rejected reply (each reply ends with its end-of-turn token)."""
+    return [{"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]} for p in parts]
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """One reward per text. Right padding: the classifier reads the last non-pad token (config.pad_token_id)."""
+def score_ids(model, sequences: list[list[int]], pad_id: int, max_length: int) -> torch.Tensor:
+    """One reward per token sequence. Right padding: the classifier reads the last non-pad token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores = []
-    for start in range(0, len(texts), SCORE_BATCH):
-        batch = tokenizer(
-            texts[start : start + SCORE_BATCH],
-            add_special_tokens=False,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for start in range(0, len(sequences), SCORE_BATCH):
+        chunk = [ids[:max_length] for ids in sequences[start : start + SCORE_BATCH]]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         scores.append(logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores)
 
 
-def pairwise_metrics(model, tokenizer, rows: list[dict], max_length: int, prefix: str) -> dict:
+def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:
     """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
-    chosen_texts, rejected_texts = zip(*(pair_texts(row, tokenizer.eos_token) for row in rows))
-    chosen = score_texts(model, tokenizer, list(chosen_texts), max_length)
-    rejected = score_texts(model, tokenizer, list(rejected_texts), max_length)
+    chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
+    rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
     wins = (chosen > rejected).float()
     metrics = {
         f"{prefix}accuracy": round(wins.mean().item(), 4),
@@ -90,16 +89,21 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
 
     init_dir = Path(inputs["init"].path)
     tokenizer = load_tokenizer(init_dir)
+    chat = ChatFormat(tokenizer)
     set_seed(seed)  # the score head is freshly initialised: make it reproducible
     model = load_reward_model(init_dir)
     # The classifier finds each sequence's last real token through pad_token_id; base configs often lack it.
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    # RewardTrainer drops pairs longer than max_length; the contract bounds how many, before the first step.
-    contract = check_preference_rows("reward", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="dropped")
-    before = pairwise_metrics(model, tokenizer, eval_rows, config.max_length, prefix="eval_before_")
+    # Encoded once with the chat template; the tokenized contract checks these very ids before the
+    # first step (RewardTrainer drops pairs longer than max_length), and the trainer gets them as they are.
+    records = {"train": train_rows, "eval": eval_rows}
+    parts = {split: chat.split_replies(rows) for split, rows in records.items()}
+    contract = check_preference_rows("reward", records, parts, config.max_length, out_dir, overlong="dropped")
+    pairs = {split: pair_ids(split_parts) for split, split_parts in parts.items()}
+    before = pairwise_metrics(model, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_before_")
 
-    train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
+    train_dataset = Dataset.from_list(pairs["train"])
     args = TrlRewardConfig(
         **{
             **trainer_defaults(out_dir, seed),
@@ -123,7 +127,7 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         raise ValueError(f"every preference pair is longer than reward.max_length={config.max_length} tokens")
     trainer.train()
 
-    after = pairwise_metrics(trainer.model, tokenizer, eval_rows, config.max_length, prefix="eval_")
+    after = pairwise_metrics(trainer.model, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)
     remove_scratch(out_dir)

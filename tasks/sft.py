@@ -9,7 +9,10 @@ weights before saving, so every later stage receives a plain model folder whatev
 quantization, bf16 compute where the GPU has it) and merges it into the full-precision base, as the
 QLoRA recipe does: the 4-bit copy only saves memory while training. It needs a CUDA GPU (the
 bitsandbytes CPU build has no 4-bit backward; bench/gpu_check.sh ran it on an H200).
-Loss is on completion tokens only (prompt-completion dataset built by posttrain.formatting).
+Rows are rendered with the base model's chat template (posttrain.formatting.ChatFormat); a
+multi-turn chat keeps its turns and system prompt, and the loss is on the assistant replies with
+their end-of-turn tokens — every reply by default, the last only with `train_on: last`. The
+encodings go to SFTTrainer as `input_ids` + `labels`, so TRL trains on exactly what was checked.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from data_contracts import check_instruction_rows
-from posttrain import formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
-from posttrain.jsonl import read_jsonl
+from posttrain.formatting import IGNORE_INDEX, ChatFormat, record_messages
+from posttrain.jsonl import read_instruction_rows
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
 from posttrain.scoring import completion_scores
 from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, use_bf16, write_loss_history
@@ -77,26 +80,30 @@ def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
     return full.merge_and_unload()
 
 
-def completion_loss(model, tokenizer, records: list[dict], max_length: int) -> float:
-    """Mean cross-entropy per completion token on held-out rows: the stage's own quality figure."""
-    examples = [formatting.encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
-    return completion_scores(model, examples, tokenizer.pad_token_id)[0]
+def completion_loss(model, tokenizer, encoded: list[dict]) -> float:
+    """Mean cross-entropy per trained (assistant) token on held-out rows: the stage's own quality figure."""
+    return completion_scores(model, encoded, tokenizer.pad_token_id)[0]
 
 
 def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     seed = config.seed if config.seed is not None else 0
     base_dir, data_dir = inputs["base"].path, inputs["data"].path
     tokenizer = load_tokenizer(base_dir)
+    chat = ChatFormat(tokenizer)
     model = load_trainable_model(config, base_dir)
-    train_records = read_jsonl(data_dir / "instruction" / "train.jsonl")
-    eval_records = read_jsonl(data_dir / "instruction" / "eval.jsonl")[: config.eval_rows]
-    if not train_records:
+    records = {
+        "train": read_instruction_rows(data_dir / "instruction" / "train.jsonl"),
+        "eval": read_instruction_rows(data_dir / "instruction" / "eval.jsonl")[: config.eval_rows],
+    }
+    if not records["train"]:
         raise ValueError(f"{data_dir / 'instruction' / 'train.jsonl'}: no instruction rows to train on")
-    # SFTTrainer truncates at max_length; the contract bounds how often, before the first step.
-    contract = check_instruction_rows("sft", tokenizer, {"train": train_records, "eval": eval_records}, config.max_length, out_dir, overlong="truncated")
-    train_dataset = Dataset.from_list([formatting.sft_example(record) for record in train_records])
+    # Encoded once with the model's chat template (loss on the assistant replies), checked by the
+    # tokenized contract before the first step, and handed to the trainer as they are.
+    encoded = {split: chat.encode_rows(rows, config.max_length, train_on=config.train_on) for split, rows in records.items()}
+    contract = check_instruction_rows("sft", records, encoded, out_dir, overlong="truncated")
+    train_dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded["train"]])
 
-    eval_loss_before = completion_loss(model, tokenizer, eval_records, config.max_length) if eval_records else math.nan
+    eval_loss_before = completion_loss(model, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     args = SFTConfig(
         **trainer_defaults(out_dir, seed),
         max_steps=config.max_steps,
@@ -109,7 +116,6 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         adam_beta2=0.95,
         max_grad_norm=1.0,
         max_length=config.max_length,
-        completion_only_loss=True,
         packing=False,  # packing was slower on CPU (FIELD_NOTES)
     )
     progress = ProgressCallback("sft")
@@ -130,7 +136,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         trained = trained.merge_and_unload()  # downstream stages get a plain model folder
     elif config.method == "qlora":
         trained = merge_into_full_precision(trained, base_dir, config)
-    eval_loss_after = completion_loss(trained, tokenizer, eval_records, config.max_length) if eval_records else math.nan
+    eval_loss_after = completion_loss(trained, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     save_pretrained(trained, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)
     remove_scratch(out_dir)
@@ -139,12 +145,13 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         **progress.summary(),
         "parameters": count_parameters(trained),
         "trainable_parameters": trainable,
-        "train_rows": len(train_records),
+        "train_rows": len(records["train"]),
+        "train_tokens_trained_on": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded["train"]),
         "eval_loss_before": round(eval_loss_before, 5),
         "eval_loss": round(eval_loss_after, 5),
         "contract_expectations_passed": contract["passed"],
     }
-    return Artifact.draft(out_dir, metrics, method=config.method)
+    return Artifact.draft(out_dir, metrics, method=config.method, chat_template=chat.describe(record_messages(records["train"][0])))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ from data_contracts import (
     ContractViolation,
     check,
     clean_frame,
+    instruction_frame,
     load_suite,
+    pair_columns,
     preference_frame,
-    sft_frame,
     suite_names,
-    tokenized_frame,
     validate,
 )
-from data_contracts.frames import instruction_tokens, preference_tokens
-from posttrain.formatting import encode_example
+from posttrain.formatting import IGNORE_INDEX, ChatFormat, encode_example
 from posttrain.models import load_tokenizer
 
 INSTRUCTION = ["prompt", "response"]
@@ -117,36 +116,43 @@ def test_warnings_do_not_raise(tmp_path):
     assert summary["passed"] == summary["evaluated"] - 2
 
 
-def test_sft_frame_matches_encode_example(tiny_base):
+def encoded_rows(prompt_tokens: list[int], completion_tokens: list[int], max_length: int) -> list[dict]:
+    """Encodings of single-turn rows with the given token counts, as ChatFormat cuts them."""
+    rows = []
+    for prompt, completion in zip(prompt_tokens, completion_tokens):
+        labels = [IGNORE_INDEX] * prompt + [7] * completion
+        rows.append({"input_ids": [5] * len(labels[:max_length]), "labels": labels[:max_length], "truncated": prompt + completion > max_length})
+    return rows
+
+
+def test_instruction_frame_matches_encode_example(tiny_base):
     tokenizer = load_tokenizer(tiny_base.path)
     records = [{"prompt": "copy abc", "response": "abc"}, {"prompt": "copy abcdefgh", "response": "abcdefgh"}, {"prompt": "x" * 30, "response": "y"}]
     for max_length in (12, 24, 96):
-        frame = tokenized_frame(records, tokenizer, max_length)
+        frame = instruction_frame(ChatFormat(tokenizer).encode_rows(records, max_length))
         for record, (_, row) in zip(records, frame.iterrows()):
             encoded = encode_example(tokenizer, record["prompt"], record["response"], max_length)
             assert row["total_tokens"] == len(encoded["input_ids"])
             assert row["trainable_tokens"] == sum(label != -100 for label in encoded["labels"])
             assert row["truncated"] == encoded["truncated"]
-    prompt, completion = instruction_tokens(tokenizer, records)
     # Character tokens: "Q: copy abc\nA:" is 14, " abc" + EOS 5.
-    assert prompt.tolist() == [14, 19, 36] and completion.tolist() == [5, 10, 3]
+    frame = instruction_frame(ChatFormat(tokenizer).encode_rows(records, 1000))
+    assert frame["trainable_tokens"].tolist() == [5, 10, 3] and (frame["total_tokens"] - frame["trainable_tokens"]).tolist() == [14, 19, 36]
     pairs = [{"prompt": "upper ab", "chosen": "AB", "rejected": "AC"}]
     # " AB" + EOS vs " AC" + EOS share " A": a common prefix of 2 ids.
-    assert [column.tolist() for column in preference_tokens(tokenizer, pairs)] == [[14], [4], [4], [2]]
+    assert [column.tolist() for column in pair_columns(ChatFormat(tokenizer).split_replies(pairs))] == [[14], [4], [4], [2]]
 
 
 def test_tokenized_suite_catches_truncation_and_zero_trainable_rows(tmp_path):
-    prompt, completion = np.array([14, 19] * 50), np.array([5, 10] * 50)
-    frame = sft_frame(prompt, completion, max_length=24)  # every second row (19 + 10) is cut at 24
+    frame = instruction_frame(encoded_rows([14, 19] * 50, [5, 10] * 50, max_length=24))  # every second row (19 + 10) is cut at 24
     assert frame["truncated"].sum() == 50
     with pytest.raises(ContractViolation, match=r"^data contract sft_tokenized: expect_column_values_to_be_in_set\(truncated\) failed on 50 of 100 rows$"):
         validate(frame, "sft_tokenized", tmp_path)
     # One truncated row in 100 is within the 1 % limit: only the any-truncation warning fails.
-    completion = np.array([5] * 99 + [20])
-    summary = validate(sft_frame(np.full(100, 14), completion, max_length=24), "sft_tokenized", tmp_path)
+    summary = validate(instruction_frame(encoded_rows([14] * 100, [5] * 99 + [20], max_length=24)), "sft_tokenized", tmp_path)
     assert summary["critical_failed"] == 0 and summary["failed"]["expect_column_values_to_be_in_set(truncated)"]["severity"] == "warning"
     # A prompt as long as max_length leaves nothing to train on.
-    frame = sft_frame(np.array([14, 24]), np.array([5, 5]), max_length=24)
+    frame = instruction_frame(encoded_rows([14, 24], [5, 5], max_length=24))
     assert frame["trainable_tokens"].tolist() == [5, 0]
     with pytest.raises(ContractViolation, match=r"distill_tokenized: expect_column_values_to_be_between\(trainable_tokens\) failed on 1 of 2 rows"):
         validate(frame, "distill_tokenized", tmp_path)

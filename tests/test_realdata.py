@@ -50,6 +50,12 @@ def char_tokens(prompt: str, completion: str) -> int:
     return len(f"Q: {prompt}\nA:") + len(f" {completion}") + 1
 
 
+def chat_tokens(turns: list[tuple[str, str]], reply: str) -> int:
+    """A conversation as the demo template renders it: "Q: …\n" per user turn, "A: …</s>" per
+    assistant turn (</s> is one token), then "A:" and " reply</s>"."""
+    return sum(len(text) + 4 for _, text in turns) + char_tokens("", reply) - len("Q: \n")
+
+
 def collapsed(text: str) -> str:
     return " ".join(text.split())
 
@@ -59,8 +65,9 @@ def shingles(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 5]) for i in range(max(1, len(words) - 4))}
 
 
-def hh_split(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """The shared text up to its last Assistant marker, then the two replies (None: no shared prompt)."""
+def hh_split(chosen: str, rejected: str) -> tuple[str, str, str, list] | None:
+    """The shared text up to its last Assistant marker, then the two replies, and the prompt's
+    turns (None: no shared prompt)."""
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind("\n\nAssistant:")
     if cut < 0:
@@ -71,7 +78,7 @@ def hh_split(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     turns = re.split(r"\n\n(Human|Assistant):", chosen[:cut])[1:]
     pairs = [("User" if label == "Human" else "Assistant", text.strip()) for label, text in zip(turns[::2], turns[1::2])]
     prompt = pairs[0][1] if len(pairs) == 1 else "\n\n".join(f"{label}: {text}" for label, text in pairs)
-    return prompt, replies[0].strip(), replies[1].strip()
+    return prompt, replies[0].strip(), replies[1].strip(), pairs
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +115,14 @@ def independent():
         if split is None:
             counts["prompt_mismatch"] += 1
             continue
-        prompt, chosen, rejected = (normalise(text) for text in split)
+        prompt, chosen, rejected = (normalise(text) for text in split[:3])
+        turns = [(label, normalise(text)) for label, text in split[3]]
         as_ids = lambda text: "".join(char if char in PRINTABLE else "\0" for char in text)  # noqa: E731  <unk>
         if not prompt or not chosen or not rejected:
             counts["empty"] += 1
         elif chosen == rejected or as_ids(chosen) == as_ids(rejected):
             counts["same_pair"] += 1
-        elif char_tokens(prompt, max(chosen, rejected, key=len)) > limit:
+        elif chat_tokens(turns, max(chosen, rejected, key=len)) > limit:  # a multi-turn prompt is rendered turn by turn
             counts["overlong"] += 1
         elif collapsed(chosen) in seen_chosen:
             counts["exact_dup"] += 1
@@ -230,15 +238,18 @@ def test_tokenized_contracts_as_sft_and_reward_run_them(shipped, tiny_base, tmp_
     output: critical expectations pass; the only warning is a handful of rows that are almost all
     prompt or almost all answer."""
     from data_contracts import check_instruction_rows, check_preference_rows
+    from posttrain.formatting import ChatFormat
     from posttrain.models import load_tokenizer
 
     _, out_dir = shipped
-    tokenizer = load_tokenizer(tiny_base.path)
+    chat = ChatFormat(load_tokenizer(tiny_base.path))
     config = load_config(REPO / "configs" / "alpaca-hh.yaml")
     splits = {split: read_jsonl(out_dir / "instruction" / f"{split}.jsonl") for split in ("train", "eval")}
-    summary = check_instruction_rows("sft", tokenizer, splits, config.sft.max_length, tmp_path / "sft", overlong="truncated")
+    encoded = {split: chat.encode_rows(rows, config.sft.max_length) for split, rows in splits.items()}
+    summary = check_instruction_rows("sft", splits, encoded, tmp_path / "sft", overlong="truncated")
     assert summary["critical_failed"] == 0
     assert sorted(summary["failed"]) == ["expect_column_values_to_be_between(trainable_fraction)"]
     pairs = {split: read_jsonl(out_dir / "preference" / f"{split}.jsonl") for split in ("train", "eval")}
-    summary = check_preference_rows("reward", tokenizer, pairs, config.reward.max_length, tmp_path / "reward", overlong="dropped")
+    parts = {split: chat.split_replies(rows) for split, rows in pairs.items()}
+    summary = check_preference_rows("reward", pairs, parts, config.reward.max_length, tmp_path / "reward", overlong="dropped")
     assert summary["critical_failed"] == 0

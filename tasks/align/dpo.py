@@ -23,11 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from trl import DPOTrainer
 
 from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import DpoConfig
-from posttrain.formatting import IGNORE_INDEX, encode_example, pad_batch, preference_example
+from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
@@ -37,19 +38,19 @@ DATA_FILES = ("data_contracts/dpo_tokenized.json",)  # the tokenized contract th
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int) -> torch.Tensor:
-    """Sum of log-probs of each completion (its tokens and the EOS) given its prompt, as DPO scores it."""
+def reply_logps(model, prompt_ids: list[list[int]], reply_ids: list[list[int]], pad_id: int, max_length: int) -> torch.Tensor:
+    """Sum of log-probs of each reply (its tokens and its end-of-turn token) given its prompt, cut
+    at max_length from the end as DPO's collator cuts them."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = []
-    for start in range(0, len(prompts), SCORE_BATCH):
-        chunk = slice(start, start + SCORE_BATCH)
-        examples = [
-            encode_example(tokenizer, prompt, completion, max_length)
-            for prompt, completion in zip(prompts[chunk], completions[chunk])
-        ]
-        batch = {key: value.to(device) for key, value in pad_batch(examples, tokenizer.pad_token_id).items()}
+    for start in range(0, len(prompt_ids), SCORE_BATCH):
+        examples = []
+        for prompt, reply in zip(prompt_ids[start : start + SCORE_BATCH], reply_ids[start : start + SCORE_BATCH]):
+            ids = (prompt + reply)[:max_length]
+            examples.append({"input_ids": ids, "labels": ([IGNORE_INDEX] * len(prompt) + reply)[:max_length]})
+        batch = {key: value.to(device) for key, value in pad_batch(examples, pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]  # token t is predicted from position t-1
         mask = labels != IGNORE_INDEX
@@ -60,11 +61,22 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
     return torch.cat(sums)
 
 
-def pair_logps(model, tokenizer, rows: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    prompts = [row["prompt"] for row in rows]
-    chosen = completion_logps(model, tokenizer, prompts, [row["chosen"] for row in rows], max_length)
-    rejected = completion_logps(model, tokenizer, prompts, [row["rejected"] for row in rows], max_length)
+def pair_logps(model, parts: list[dict], pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) reply log-probs of pairs split by ChatFormat.split_replies."""
+    prompts = [pair["prompt_ids"] for pair in parts]
+    chosen = reply_logps(model, prompts, [pair["chosen_ids"] for pair in parts], pad_id, max_length)
+    rejected = reply_logps(model, prompts, [pair["rejected_ids"] for pair in parts], pad_id, max_length)
     return chosen, rejected
+
+
+class EncodedDPOTrainer(DPOTrainer):
+    """DPOTrainer on pairs posttrain.formatting already encoded (`prompt_ids`, `chosen_ids`,
+    `rejected_ids`): TRL would render them again and, for text that is not a chat, append EOS."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # What TRL's own preparation does after tokenizing (keep_start truncation): a prompt that
+        # fills max_length leaves no reply token to learn from.
+        return dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
 
 
 def win_rate(difference: torch.Tensor) -> float:
@@ -89,7 +101,7 @@ def held_out_metrics(reference: tuple, policy: tuple, beta: float, prefix: str) 
 def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     from datasets import Dataset
     from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     out_dir = Path(out_dir)
     seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
@@ -99,8 +111,11 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
 
     sft_dir = Path(inputs["sft"].path)
     tokenizer = load_tokenizer(sft_dir)
-    # DPOTrainer truncates at max_length; the contract bounds how often, before the first step.
-    contract = check_preference_rows("dpo", tokenizer, {"train": train_rows, "eval": eval_rows}, config.max_length, out_dir, overlong="truncated")
+    # Encoded once with the chat template; the tokenized contract checks these ids before the first
+    # step (DPO truncates at max_length), and the trainer gets them as they are.
+    records = {"train": train_rows, "eval": eval_rows}
+    parts = {split: ChatFormat(tokenizer).split_replies(rows) for split, rows in records.items()}
+    contract = check_preference_rows("dpo", records, parts, config.max_length, out_dir, overlong="truncated")
     set_seed(seed)
     # fp32 weights: on a GPU the trainer's bf16 autocast still gives the speed; optimizer state stays exact.
     policy = load_causal_lm(sft_dir, dtype="float32")
@@ -114,10 +129,10 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     reference = None if precompute else load_causal_lm(sft_dir, dtype="float32").requires_grad_(False)
 
     # Before any step the policy *is* the reference: its log-probs are the reference's on the eval pairs.
-    eval_reference = pair_logps(policy, tokenizer, eval_rows, config.max_length)
+    eval_reference = pair_logps(policy, parts["eval"], tokenizer.pad_token_id, config.max_length)
     before = held_out_metrics(eval_reference, eval_reference, config.beta, prefix="eval_before_")
 
-    train_dataset = Dataset.from_list([preference_example(row) for row in train_rows])
+    train_dataset = Dataset.from_list(parts["train"])
     args = DPOConfig(
         **{
             **trainer_defaults(out_dir, seed),
@@ -138,7 +153,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         max_length=config.max_length,
     )
     progress = ProgressCallback("dpo")
-    trainer = DPOTrainer(
+    trainer = EncodedDPOTrainer(
         model=policy,
         ref_model=reference,
         args=args,
@@ -149,7 +164,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     quiet(trainer)
     trainer.train()
 
-    eval_policy = pair_logps(trainer.model, tokenizer, eval_rows, config.max_length)
+    eval_policy = pair_logps(trainer.model, parts["eval"], tokenizer.pad_token_id, config.max_length)
     after = held_out_metrics(eval_reference, eval_policy, config.beta, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)

@@ -14,7 +14,7 @@ dedup indexes. Every dropped row goes to `rejected.jsonl` with its rule and sour
  2. normalise   Unicode NFKC, control characters out (newlines kept), runs of spaces/tabs -> one,
                 optional PII scrubbing (clean.py); rewritten text is counted, not dropped
  3. filter      empty, chosen == rejected (as text or as token ids), too short, over `max_tokens`
-                with the base tokenizer (formatting.prompt_text/completion_text + EOS)
+                as the base tokenizer's chat template renders the row (formatting.ChatFormat)
  4. exact dedup first occurrence of each whitespace-collapsed dedup key wins (dedup.ExactIndex)
  5. near dedup  MinHash LSH on the lower-cased key (dedup.NearDupIndex); clusters by union-find,
                 the first row of a cluster wins
@@ -48,6 +48,7 @@ from data_contracts import ContractRun
 from data_contracts.frames import CleanFrameBuilder, dedup_key, key_digest
 from posttrain.artifacts import Artifact
 from posttrain.config import DataConfig
+from posttrain.formatting import ChatFormat
 from tasks.data import dedup
 from tasks.data.clean import filter_batch, normalize_batch, normalize_text
 from tasks.data.decontaminate import BenchmarkIndex
@@ -70,7 +71,7 @@ def split_order(hashes: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, i
 
 
 def output_record(row: Row) -> dict:
-    keys = [*ROLE_FIELDS[row.role], *(["skill"] if "skill" in row.record else [])]
+    keys = [*ROLE_FIELDS[row.role], *(key for key in ("messages", "skill") if key in row.record)]
     return {key: row.record[key] for key in keys}
 
 
@@ -149,7 +150,7 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
     benchmarks = None
     if config.decontaminate:
         benchmarks = BenchmarkIndex.load(inputs["benchmarks"].path, config.decontaminate_ngram, config.decontaminate_min_words)
-    tokenizer = load_tokenizer(inputs["base"].path)
+    chat = ChatFormat(load_tokenizer(inputs["base"].path))
 
     work_dir = out_dir / "_work"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,7 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
             batches = read_batches(source, name, config.batch_rows, origins, removals)
             while (rows := timed("ingest", next, batches, None)) is not None:
                 timed("ingest", normalize_batch, rows, config.scrub_pii, removals)
-                rows = timed("filter", filter_batch, rows, config, tokenizer, removals)
+                rows = timed("filter", filter_batch, rows, config, chat, removals)
                 rows = timed("dedup", stream.dedup, rows, removals, origins)
                 if benchmarks is not None:
                     clock, clean_rows = time.perf_counter(), []

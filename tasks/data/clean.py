@@ -2,10 +2,10 @@
 empty / chosen == rejected / too short / over-long rows, one batch at a time.
 
     normalize_batch(rows, scrub=["email", "ip"], removals=removals)   # counts pii_email, pii_ip
-    kept = filter_batch(rows, config, tokenizer, removals)            # rows carry their token counts
+    kept = filter_batch(rows, config, ChatFormat(tokenizer), removals)
 
-Token counts are what training sees (formatting.prompt_text / completion_text + EOS, the run's
-tokenizer, one batched call per field). Each training stage checks its own tokenized contract at
+Token counts are what training sees: the conversation as the base tokenizer's chat template renders
+it (posttrain.formatting.ChatFormat), tokenized in one batched call per batch of rows. Each training stage checks its own tokenized contract at
 its own max_length (data_contracts.check_tokenized), so a stage's max_length is not part of the
 data stage's cache key.
 """
@@ -13,12 +13,11 @@ data stage's cache key.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import unicodedata
 
 from posttrain.config import DataConfig
-from posttrain.formatting import completion_text, prompt_text, token_ids
+from posttrain.formatting import ChatFormat
 from tasks.data.records import ROLE_FIELDS, Removals, Row
 
 # C0 controls except \t (collapsed below) and \n (kept), DEL, and C1 controls.
@@ -91,23 +90,22 @@ def scrub_pii(text: str, kinds: list[str]) -> tuple[str, dict[str, int]]:
 
 def normalize_batch(rows: list[Row], scrub: list[str], removals: Removals) -> None:
     for row in rows:
-        record = {key: normalize_text(value) for key, value in row.record.items()}
+        record = {key: normalize_text(value) if isinstance(value, str) else value for key, value in row.record.items()}
+        if "messages" in record:  # a chat's turns are text too
+            record["messages"] = [{**turn, "content": normalize_text(turn["content"])} for turn in record["messages"]]
         if scrub:
             for key in ROLE_FIELDS[row.role]:
                 record[key], counts = scrub_pii(record[key], scrub)
                 for kind, count in counts.items():
                     removals.count(f"pii_{kind}", count)
+            for turn in record.get("messages", []):
+                turn["content"], counts = scrub_pii(turn["content"], scrub)  # counted once, through the fields above
         row.record = record
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    return len(os.path.commonprefix([a, b]))
-
-
-def filter_batch(rows: list[Row], config: DataConfig, tokenizer, removals: Removals) -> list[Row]:
-    """Drop empty, chosen == rejected, too short, then over-long rows; survivors get `tokens`:
-    (prompt, completion) or, for pairs, (prompt, chosen, rejected, common prefix of the chosen and
-    rejected completion ids + EOS), each completion counted with the EOS the trainers append."""
+def filter_batch(rows: list[Row], config: DataConfig, chat: ChatFormat, removals: Removals) -> list[Row]:
+    """Drop empty, chosen == rejected, too short, then over-long rows (by tokens, as the model's
+    chat template renders them: the whole conversation, for a pair its longer side)."""
     survivors = []
     for row in rows:
         record = row.record
@@ -122,20 +120,18 @@ def filter_batch(rows: list[Row], config: DataConfig, tokenizer, removals: Remov
             survivors.append(row)
     if not survivors:
         return []
-    encode = lambda texts: token_ids(tokenizer, texts)  # noqa: E731
-    prompt_ids = encode([prompt_text(row.record["prompt"]) for row in survivors])
-    completion_ids = [
-        encode([completion_text(row.record[key]) for row in survivors]) for key in ROLE_FIELDS[survivors[0].role][1:]
-    ]
+    records = [row.record for row in survivors]
+    if survivors[0].role == "preference":
+        split = chat.split_replies(records)
+        lengths = [len(parts["prompt_ids"]) + max(len(parts["chosen_ids"]), len(parts["rejected_ids"])) for parts in split]
+        identical = [parts["chosen_ids"] == parts["rejected_ids"] for parts in split]
+    else:
+        reply_key = ROLE_FIELDS[survivors[0].role][1]
+        lengths = [len(encoded["input_ids"]) for encoded in chat.encode_rows(records, max_length=1 << 30, reply_key=reply_key)]
+        identical = [False] * len(survivors)
     kept = []
-    for position, row in enumerate(survivors):
-        sides = [ids[position] + [tokenizer.eos_token_id] for ids in completion_ids]
-        tokens = (len(prompt_ids[position]), *(len(ids) for ids in sides))
-        if row.role == "preference":
-            tokens += (_common_prefix_length(sides[0], sides[1]),)
-        longest = tokens[0] + max(len(ids) for ids in sides)  # a pair trains on both sides: the longer must fit
-        row.tokens = tokens
-        if row.role == "preference" and sides[0] == sides[1]:
+    for row, longest, same in zip(survivors, lengths, identical):
+        if same:
             # Different text, same ids (a character tokenizer maps every unknown character to <unk>).
             removals.add("same_pair", row, tokens_equal=True)
         elif longest > config.max_tokens:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from posttrain import skills
+from posttrain import skills, transcripts
 from posttrain.config import SourceConfig
 from posttrain.jsonl import write_jsonl
+from posttrain.transcripts import transcript_text
 from tasks.data.clean import normalize_text
 from tasks.data.records import ROLE_FIELDS, Origins, Removals, Row
 
@@ -36,9 +36,6 @@ SUFFIX_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parque
 # "N/A", …): compared lower-cased without spaces, angle brackets or a final full stop.
 PLACEHOLDER_INPUTS = {"noinput", "n/a", "na", "none"}
 TURN_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
-TURN_LABELS = {"user": "User", "assistant": "Assistant", "system": "System"}
-HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 class Unusable(Exception):
@@ -206,33 +203,18 @@ def is_placeholder_input(text: str) -> bool:
     return re.sub(r"[\s<>]", "", text.lower()).removesuffix(".") in PLACEHOLDER_INPUTS
 
 
-def transcript_text(turns: list[tuple[str, str]]) -> str:
-    """A prompt in canonical text: a lone user turn is itself; a conversation is its turns as
-    "User: …" / "Assistant: …" / "System: …" paragraphs (formatting.prompt_text wraps either)."""
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1].strip()
-    return "\n\n".join(f"{TURN_LABELS[role]}: {content.strip()}" for role, content in turns)
+def hh_turns(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str]:
+    """posttrain.transcripts.hh_turns, with a mismatch quarantined as `prompt_mismatch`."""
+    try:
+        return transcripts.hh_turns(chosen, rejected)
+    except transcripts.PromptMismatch:
+        raise Unusable("prompt_mismatch") from None
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """(prompt, chosen reply, rejected reply) of an hh-rlhf pair.
-
-    The prompt is the text both transcripts share, cut back to its last "\\n\\nAssistant:"; the
-    replies are what follows. For nearly every pair that is simply each transcript's last
-    assistant turn; it also keeps pairs where one reply itself contains an "Assistant:" line (a
-    transcript's last marker is then inside the reply). A reply that contains a human turn means
-    the two transcripts differ before the final reply: `prompt_mismatch`.
-    """
-    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise Unusable("prompt_mismatch")
-    replies = chosen[cut + len(HH_ASSISTANT) :], rejected[cut + len(HH_ASSISTANT) :]
-    if any(HH_HUMAN in reply for reply in replies):
-        raise Unusable("prompt_mismatch")
-    parts = _HH_TURN.split(chosen[:cut])
-    turns = [("user", parts[0])] if parts[0].strip() else []
-    turns += [("user" if label == "Human" else "assistant", text) for label, text in zip(parts[1::2], parts[2::2])]
-    return transcript_text(turns), replies[0].strip(), replies[1].strip()
+    """(prompt, chosen reply, rejected reply) of an hh-rlhf pair (posttrain.transcripts.hh_turns)."""
+    turns, chosen_reply, rejected_reply = hh_turns(chosen, rejected)
+    return transcript_text(turns), chosen_reply, rejected_reply
 
 
 class _Fields:
@@ -283,8 +265,9 @@ def to_role_record(record, source: SourceConfig, where: str, removals: Removals)
     alpaca       prompt = instruction, + "\\n\\n" + input unless the input is empty or a placeholder
                  ("No input", "<noinput>", "N/A", …: counted as `placeholder_input`); response = output
     messages     response = the last turn, which must be the assistant's (else `no_final_reply`);
-                 prompt = the turns before it (transcript_text)
-    hh           split_hh on the chosen and rejected transcripts
+                 prompt = the turns before it (transcript_text, for dedup and decontamination);
+                 a chat with more than one exchange or a system prompt also keeps `messages`
+    hh           split_hh on the chosen and rejected transcripts; a multi-turn prompt keeps `messages`
     instruction, preference, prompt   the role's own fields
     """
     fields = _Fields(record, source, where)
@@ -299,9 +282,15 @@ def to_role_record(record, source: SourceConfig, where: str, removals: Removals)
         if not turns or turns[-1][0] != "assistant":
             raise Unusable("no_final_reply")
         kept = {"prompt": transcript_text(turns[:-1]) if turns[:-1] else "", "response": turns[-1][1]}
+        if len(turns) > 2 or turns[0][0] != "user":
+            # Several turns or a system prompt: the turns themselves are kept, so training renders
+            # them with the model's chat template and learns every assistant reply.
+            kept["messages"] = [{"role": role, "content": content} for role, content in turns]
     elif source.format == "hh":
-        prompt, chosen, rejected = split_hh(fields.text("chosen"), fields.text("rejected"))
-        kept = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        turns, chosen, rejected = hh_turns(fields.text("chosen"), fields.text("rejected"))
+        kept = {"prompt": transcript_text(turns), "chosen": chosen, "rejected": rejected}
+        if len(turns) > 1:  # a conversation: its turns are rendered with the chat template before the reply
+            kept["messages"] = [{"role": role, "content": content.strip()} for role, content in turns]
     else:
         kept = {key: fields.text(key) for key in ROLE_FIELDS[source.role]}
     if "skill" in record:

@@ -40,12 +40,11 @@ RULES = (
 @dataclass
 class Row:
     role: str
-    record: dict  # normalised role fields (+ "skill")
+    record: dict  # normalised role fields (+ "messages" for a multi-turn chat, + "skill")
     raw: dict  # as read, for rejected.jsonl
     source: str
     source_row: int
     row_id: int = -1
-    tokens: tuple = ()  # filled by clean.filter_batch: prompt, completion(s) [, chosen/rejected common prefix]
 
     def origin(self) -> dict:
         return {"source": self.source, "source_row": self.source_row}

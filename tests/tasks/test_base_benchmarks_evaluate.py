@@ -2,7 +2,6 @@
 
 import json
 
-
 import tasks.base
 import tasks.benchmarks
 import tasks.evaluate

@@ -231,10 +231,19 @@ def test_messages_schema(tmp_path):
     ]
     write_jsonl(tmp_path / "chats.jsonl", chats)
     rows, removals = read_all(path=str(tmp_path / "chats.jsonl"), format="messages")
+    # A chat with more than one exchange or a system prompt keeps its turns (roles normalised), so
+    # training renders them with the chat template; prompt/response stay for dedup and decontamination.
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
     assert [row.record for row in rows] == [
         {"prompt": "Hi there", "response": "Hello!"},
-        {"prompt": "System: Be brief.\n\nUser: What is 2+2?\n\nAssistant: 4\n\nUser: And 3+3?", "response": "6"},
-        {"prompt": "", "response": "Unprompted."},
+        {"prompt": "System: Be brief.\n\nUser: What is 2+2?\n\nAssistant: 4\n\nUser: And 3+3?", "response": "6", "messages": turns},
+        {"prompt": "", "response": "Unprompted.", "messages": [{"role": "assistant", "content": "Unprompted."}]},
     ]
     assert removals.counts["no_final_reply"] == 1
     write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "robot", "content": "beep"}]}])

@@ -100,7 +100,7 @@ def test_precomputed_topk_matches_the_teacher_logits(teacher, tiny_data):
     model = load_causal_lm(teacher.path)
     tokenizer = load_tokenizer(teacher.path)
     rows = read_jsonl(tiny_data.path / "instruction" / "eval.jsonl")[:3]
-    examples = distill.encode_rows(tokenizer, rows, 96)
+    examples = distill.trainable(formatting.ChatFormat(tokenizer).encode_rows(rows, 96))
     values, ids, mass = distill.precompute_teacher_topk(model, examples, 4, 2, tokenizer.pad_token_id, "cpu")
 
     assert values[0].dtype == torch.float16 and ids[0].dtype == torch.int16

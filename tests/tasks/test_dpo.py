@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.artifacts import Artifact
 from posttrain.config import DpoConfig
+from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_jsonl, write_jsonl
 from posttrain.models import load_tokenizer
 from tasks.align import dpo
@@ -15,8 +16,9 @@ from tasks.align import dpo
 
 def implicit_reward_on(rows, policy, reference, tokenizer, beta):
     """Accuracy and mean margin of β·(log π − log π_ref), chosen vs rejected, recomputed outside the run."""
-    ref_chosen, ref_rejected = dpo.pair_logps(reference, tokenizer, rows, 96)
-    chosen, rejected = dpo.pair_logps(policy, tokenizer, rows, 96)
+    parts = ChatFormat(tokenizer).split_replies(rows)
+    ref_chosen, ref_rejected = dpo.pair_logps(reference, parts, tokenizer.pad_token_id, 96)
+    chosen, rejected = dpo.pair_logps(policy, parts, tokenizer.pad_token_id, 96)
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return (margin > 0).float().mean().item(), margin.mean().item(), (chosen - ref_chosen).mean().item()
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from posttrain.config import NearDupConfig
-from tasks.data.dedup import NearDupIndex, shingle_hashes
 from tasks.data import keytext
+from tasks.data.dedup import NearDupIndex, shingle_hashes
 from tasks.data.keytext import _bmp_table, _slow_characters, near_dup_keys, near_dup_text, near_dup_texts
 
 # Letters whose lower case depends on context or is two characters, a letter and an emoji beyond

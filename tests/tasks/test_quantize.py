@@ -43,7 +43,7 @@ def test_each_method_reloads_smaller_and_generates(quantized, tiny_base, method)
     assert 0.9 <= m[f"{method}_agreement"] <= 1.0  # a random tiny model's argmax barely moves
     assert m[f"{method}_load_seconds"] > 0 and 0 < m[f"{method}_quantized_fraction"] <= 1
 
-    encoded = tokenizer(formatting.prompt_text("copy abc"), return_tensors="pt", add_special_tokens=False)
+    encoded = tokenizer(formatting.ChatFormat(tokenizer).prompt([{"role": "user", "content": "copy abc"}]), return_tensors="pt", add_special_tokens=False)
     with quantize.quiet_bitsandbytes():
         generated = model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape == (1, encoded["input_ids"].shape[1] + 4)
