@@ -56,10 +56,8 @@ def write_corpus(path: Path, copies: int, seed: int = 0) -> int:
 
 def child(corpus: Path, out_dir: Path, near_dup: bool) -> dict:
     """One stage run in this process; what the parent prints."""
-    from posttrain import skills
     from posttrain.artifacts import Artifact
     from posttrain.config import TinyModelConfig, load_config
-    from posttrain.jsonl import write_jsonl
     from posttrain.models import build_tiny, load_tokenizer, save_pretrained
     from tasks import data
 
@@ -67,7 +65,11 @@ def child(corpus: Path, out_dir: Path, near_dup: bool) -> dict:
     model, tokenizer = build_tiny(TinyModelConfig(), seed=0)
     save_pretrained(model, tokenizer, base)
     load_tokenizer(base)
-    write_jsonl(out_dir / "benchmarks" / "skills.jsonl", skills.benchmark_items(per_skill=100, seed=1234))
+    import tasks.benchmarks
+    from posttrain.config import BenchmarksConfig
+
+    (out_dir / "benchmarks").mkdir(parents=True, exist_ok=True)
+    tasks.benchmarks.run(BenchmarksConfig(), {}, out_dir / "benchmarks")
     import great_expectations  # noqa: F401  (imported by the stage anyway: count it in the baseline)
 
     config = load_config(REPO / "configs" / "alpaca-hh.yaml").data

@@ -183,22 +183,29 @@ def train(args) -> None:
         save_report()
         return outcome.artifact
 
-    # Which device each evaluated model generated on (the evaluate stage places the models itself).
-    generate_answers = tasks.evaluate.generate_answers
+    # Which device each evaluated model generated on (the evaluate stages place the models themselves).
+    generate = tasks.evaluate.generate
     evaluate_devices: dict[str, str] = {}
 
-    def generate_answers_spy(model, *rest, **kwargs):
+    def generate_spy(model, *rest, **kwargs):
         evaluate_devices[_rel(Path(model.name_or_path))] = str(next(model.parameters()).device)
-        return generate_answers(model, *rest, **kwargs)
+        return generate(model, *rest, **kwargs)
 
-    tasks.evaluate.generate_answers = generate_answers_spy
+    tasks.evaluate.generate = generate_spy
     report["evaluate_devices"] = evaluate_devices
 
     steps = {step.name: step for step in plan(cfg)}
     for step in plan(cfg):
         if step.name not in ("base", "benchmarks", "data"):
-            inputs = {key: source for key, source in step.inputs.items() if step.name != "evaluate" or source in artifacts}
-            stage(step.name, step.module, step.section, inputs)
+            stage(step.name, step.module, step.section, dict(step.inputs))
+    if cfg.quantize.source == "candidate" and "report" not in report["stages"]:
+        from posttrain.report import choose_candidate
+
+        scored = {name.removeprefix("evaluate-"): json.loads((artifacts[name].path / "results.json").read_text()) for name in artifacts if name.startswith("evaluate-")}
+        candidate = choose_candidate(scored, cfg.gate.candidate, cfg.gate.eligible, cfg.gate.primary_metric)
+        for step in plan(cfg, candidate):
+            if step.name not in artifacts:
+                stage(step.name, step.module, step.section, dict(step.inputs))
 
     if args.probe_steps:
         elapsed = time.perf_counter() - started_all
@@ -224,16 +231,16 @@ def train(args) -> None:
 
 
 def score_folder(folder: Path, artifacts: dict[str, Artifact], cfg) -> dict:
-    """The evaluate stage's exact-match scores of one model folder, on this run's benchmarks."""
-    import tasks.evaluate
-    from posttrain.jsonl import read_jsonl
+    """The evaluate stage's exact match per task of one model folder, on this run's benchmarks."""
+    import tempfile
 
-    benchmarks = {
-        path.stem: tasks.evaluate._limit(read_jsonl(path), cfg.evaluate.limit_per_skill)
-        for path in sorted(Path(artifacts["benchmarks"].path).glob("*.jsonl"))
-    }
-    scores, _ = tasks.evaluate.score_model(Path(folder), benchmarks, cfg.evaluate)
-    return scores
+    import tasks.evaluate
+
+    with tempfile.TemporaryDirectory() as out:
+        inputs = {"benchmarks": artifacts["benchmarks"], "model": Artifact(Path(folder), {})}
+        tasks.evaluate.run(cfg.evaluate.model_copy(update={"sample_items": 0}), inputs, Path(out))
+        results = json.loads((Path(out) / "results.json").read_text())
+    return {task: row["exact_match"] for task, row in results.items() if "exact_match" in row}
 
 
 # ----------------------------------------------------------------------------- report
@@ -261,20 +268,19 @@ def render(report: dict) -> str:
             f"| {name} | {entry['state']} | {entry.get('seconds', '')} | {metrics.get('train_seconds', '')} | "
             f"{metrics.get('tokens_per_second', '')} | {metrics.get('train_steps', '')} | {entry.get('peak_cuda_mib', '')} | {note} |"
         )
-    entry = report["stages"].get("evaluate", {})
+    entry = report["stages"].get("report", {})
     results = REPO_ROOT / entry["path"] / "results.md" if entry.get("path") else None
     if results and results.is_file():
-        lines += ["", "## evaluate", "", results.read_text()]
-        seconds = {k: v for k, v in entry["metrics"].items() if k.endswith(".seconds")}
-        lines.append("generation seconds: " + ", ".join(f"{k.removesuffix('.seconds')} {v}" for k, v in seconds.items()))
+        lines += ["", "## report", "", results.read_text()]
+        seconds = {name: e["metrics"].get("generation_seconds") for name, e in report["stages"].items() if name.startswith("evaluate-")}
+        lines.append("generation seconds: " + ", ".join(f"{k.removeprefix('evaluate-')} {v}" for k, v in seconds.items()))
     if report.get("evaluate_devices"):
         lines.append("")
         lines.append("generated on: " + ", ".join(f"{k}: {v}" for k, v in report["evaluate_devices"].items()))
     for name in ("sft-lora", "sft-qlora"):
         scores = report["stages"].get(name, {}).get("scores")
-        for bench_name, per_skill in (scores or {}).items():
-            if bench_name != "seconds":
-                lines.append(f"\n{name} {bench_name} (exact match, %): " + ", ".join(f"{s} {100 * v:.1f}" for s, v in per_skill.items()))
+        if scores:
+            lines.append(f"\n{name} (exact match, %): " + ", ".join(f"{task} {100 * value:.1f}" for task, value in scores.items()))
     return "\n".join(lines) + "\n"
 
 

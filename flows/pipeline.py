@@ -13,6 +13,7 @@ stage the flow logs a nested MLflow run and rewrites runs/<run id>/run.json.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from rich.console import Console
 from flows.plan import Step, plan
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import PipelineConfig
+from posttrain.gate import Decision, decide, hacking_flags
+from posttrain.report import choose_candidate
 from posttrain.runner import StageOutcome, compute_key, execute_stage
 from posttrain.runs import RunRecord
 from posttrain.tracking import PipelineTracking
@@ -92,7 +95,7 @@ class PipelineRun:
         self.artifacts[step.name] = artifact
         upstream = {name: self.tracking.child_runs.get(source) for name, source in step.inputs.items()}
         datasets = [(ref.name, self.artifacts[ref.stage], ref.path, ref.context) for ref in step.datasets]
-        child_run = self.tracking.log_stage(step.name, outcome, step.section, upstream, datasets, step.log_model, started_wall, time.time())
+        child_run = self.tracking.log_stage(step.name, outcome, step.section, upstream, datasets, step.log_model, started_wall, time.time(), step.model)
         self.record.stage_finished(
             step.name,
             {
@@ -104,9 +107,75 @@ class PipelineRun:
                 "metrics": artifact.metrics,
             },
         )
+        if step.name == "report":  # the run's results, in the one schema, for `posttrain status --json`
+            self.record.update(results=json.loads((artifact.path / "results.json").read_text()), candidate=artifact.manifest["candidate"])
         label = "[green]cached[/]" if cache_hit else f"[green]built[/] in {artifact.manifest.get('seconds', 0):.1f}s"
         console.print(f"  {label}")
         return artifact
+
+
+def evaluation_results(run: PipelineRun) -> dict[str, dict]:
+    """Each scored model's results.json, from this run's evaluate-<model> artifacts."""
+    return {
+        name.removeprefix("evaluate-"): json.loads((artifact.path / "results.json").read_text())
+        for name, artifact in run.artifacts.items()
+        if name.startswith("evaluate-")
+    }
+
+
+def run_gate(run: PipelineRun, cfg: PipelineConfig) -> dict:
+    """Promote the report's candidate to `champion` if it beats the current one (posttrain.gate)."""
+    report = run.artifacts["report"]
+    candidate = report.manifest["candidate"]
+    results = json.loads((report.path / "results.json").read_text())
+    metric = cfg.gate.primary_metric
+    score = results[candidate]["mean"][metric]
+    quantized_name = f"quantize-{cfg.gate.quantized_method}"
+    # The variant is the candidate's only when the candidate is what was quantized.
+    quantized_source = run.artifacts["quantize"].manifest["inputs"]["source"]["digest"] if "quantize" in run.artifacts else None
+    candidate_stage = {"student": "distill"}.get(candidate, candidate)
+    quantized = results.get(quantized_name, {}).get("mean", {}).get(metric)
+    if quantized_source is None or candidate_stage not in run.artifacts or run.artifacts[candidate_stage].digest != quantized_source:
+        quantized = None
+    hacking = hacking_flags(run.root, run.artifacts[candidate_stage].manifest["path"])
+    champion = run.tracking.champion()
+    champion_score = None
+    if not hacking and champion is not None and run.tracking.model_versions.get(candidate) == champion.version:
+        return _record_gate(run, candidate, score, score, Decision(False, "the candidate already is the champion"), champion)
+    if champion is not None:
+        folder = run.tracking.champion_folder(champion, run.root)
+        if folder is None:
+            decision = Decision(False, f"champion v{champion.version} cannot be re-scored here (its store folder is absent and no weights were uploaded)")
+            return _record_gate(run, candidate, score, None, decision)
+        scored_here = [
+            artifact for name, artifact in run.artifacts.items()
+            if name.startswith("evaluate-") and not artifact.manifest.get("variant") and artifact.manifest["inputs"]["model"]["digest"] == folder.digest
+        ]
+        if scored_here:  # the champion is a model this run already scored, on these benchmarks
+            evaluated = scored_here[0]
+        else:
+            step = next(step for step in plan(cfg, candidate) if step.name == "evaluate-sft")
+            run.artifacts["champion-model"] = folder
+            evaluated = run.stage(Step("evaluate-champion", step.module, step.section, {**step.inputs, "model": "champion-model"}))
+        champion_score = json.loads((evaluated.path / "results.json").read_text())["mean"][metric]
+    decision = decide(score, champion_score, cfg.gate.margin, quantized, cfg.gate.quantized_budget, hacking, metric)
+    return _record_gate(run, candidate, score, champion_score, decision, champion)
+
+
+def _record_gate(run: PipelineRun, candidate: str, score: float, champion_score: float | None, decision: Decision, champion=None) -> dict:
+    gate = {
+        "candidate": candidate,
+        "candidate_score": score,
+        "champion_version": champion.version if champion is not None else None,
+        "champion_score": champion_score,
+        "decision": "promoted" if decision.promote else "kept champion",
+        "reason": decision.reason,
+    }
+    gate["version"] = run.tracking.apply_gate(candidate, decision.promote, gate)
+    run.record.update(gate=gate)
+    verb = "[green]promoted[/]" if decision.promote else "[yellow]not promoted[/]"
+    console.print(f"[bold]▶ gate[/] {candidate} {verb}: {decision.reason}")
+    return gate
 
 
 @flow(name="posttrain", log_prints=False, persist_result=False)
@@ -122,6 +191,14 @@ def pipeline(cfg: PipelineConfig, record_path: str, config_text: str) -> dict:
         try:
             for step in plan(cfg):
                 run.stage(step)
+            if cfg.quantize.source == "candidate":
+                # Quantize what the gate will consider: the best model so far, then score its variants.
+                candidate = choose_candidate(evaluation_results(run), cfg.gate.candidate, cfg.gate.eligible, cfg.gate.primary_metric)
+                for step in plan(cfg, candidate):
+                    if step.name not in run.artifacts:
+                        run.stage(step)
+            if cfg.gate.enabled and cfg.tracking.enabled:
+                run_gate(run, cfg)
         except BaseException:
             record.finish("failed")
             raise

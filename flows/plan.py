@@ -5,9 +5,10 @@
 
     base ──┬─▶ data ──┬─▶ sft ──┬─▶ reward                 (init: sft or base)
     bench ─┘          │         ├─▶ align-dpo              (sft, data: no reward input)
-                      │         ├─▶ distill                (teacher by config)
-                      │         └─▶ quantize               (source by config)
-    base, sft, align-*, student, quantize-* ─▶ evaluate ◀─ bench
+                      │         └─▶ distill                (teacher by config)
+    each model (base, sft, align-*, student) ─▶ evaluate-<model>   (benchmarks, data, reward)
+      ─▶ candidate (flows) ─▶ quantize (source by config, or the candidate) ─▶ evaluate-quantize-<m>
+      ─▶ report (every evaluate-*: one table, comparisons, charts) ─▶ gate (flows: `champion`)
 
 Wiring only, and no Prefect, MLflow or stage imports: the flow (flows/pipeline.py) runs these
 steps as Prefect tasks, and tests, `posttrain rerun --from` and lineage read the same edges.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.config import LauncherConfig, PipelineConfig
+from posttrain.config import LauncherConfig, PipelineConfig, ReportConfig
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,23 @@ class Step:
     launcher: LauncherConfig | None = None
     datasets: tuple[DatasetRef, ...] = ()
     log_model: bool = False
+    model: str | None = None  # the model's name in results and the registry (quantize: one per variant)
 
 
 def _with_seed(section, seed: int):
     return section if section.seed is not None else section.model_copy(update={"seed": seed})
 
 
-def plan(cfg: PipelineConfig) -> list[Step]:
+def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
+    """The run's steps. With `quantize.source: candidate` and no `candidate` yet, the steps up to
+    the per-model evaluations; with it, every step."""
     instruction = (DatasetRef("instruction-train", "data", "instruction/train.jsonl", "training"),)
     preference = (DatasetRef("preference-train", "data", "preference/train.jsonl", "training"),)
     steps = [
-        Step("base", "tasks.base", _with_seed(cfg.model, cfg.seed), log_model=True),
+        Step("base", "tasks.base", _with_seed(cfg.model, cfg.seed), log_model=True, model="base"),
         Step("benchmarks", "tasks.benchmarks", cfg.benchmarks),
         Step("data", "tasks.data", cfg.data, {"base": "base", "benchmarks": "benchmarks"}),
-        Step("sft", "tasks.sft", _with_seed(cfg.sft, cfg.seed), {"base": "base", "data": "data"}, cfg.sft.launcher, instruction, True),
+        Step("sft", "tasks.sft", _with_seed(cfg.sft, cfg.seed), {"base": "base", "data": "data"}, cfg.sft.launcher, instruction, True, "sft"),
         Step(
             "reward", "tasks.reward", _with_seed(cfg.reward, cfg.seed), {"init": cfg.reward.init_from, "data": "data"},
             cfg.reward.launcher, preference, True,
@@ -62,19 +66,41 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     aligned = []
     if "dpo" in cfg.align.methods:
         dpo = _with_seed(cfg.align.dpo, cfg.seed)
-        steps.append(Step("align-dpo", "tasks.align.dpo", dpo, {"sft": "sft", "data": "data"}, dpo.launcher, preference, True))
+        steps.append(Step("align-dpo", "tasks.align.dpo", dpo, {"sft": "sft", "data": "data"}, dpo.launcher, preference, True, "align-dpo"))
         aligned.append("align-dpo")
     steps.append(
         Step(
             "distill", "tasks.distill", _with_seed(cfg.distill, cfg.seed), {"teacher": cfg.distill.teacher, "data": "data"},
-            cfg.distill.launcher, instruction, True,
+            cfg.distill.launcher, instruction, True, "student",
         )
     )
-    quantize_source = "distill" if cfg.quantize.source == "student" else cfg.quantize.source
-    steps.append(Step("quantize", "tasks.quantize", cfg.quantize, {"source": quantize_source, "data": "data"}, log_model=True))
-    models = {"base": "base", "sft": "sft", **{name: name for name in aligned}, "student": "distill", "quantize": "quantize"}
-    benchmark_files = tuple(DatasetRef(f"{name}-benchmark", "benchmarks", f"{name}.jsonl", "evaluation") for name in cfg.benchmarks)
-    steps.append(Step("evaluate", "tasks.evaluate", cfg.evaluate, {"benchmarks": "benchmarks", **models}, datasets=benchmark_files))
+    # Each model is scored by its own stage, so one changed branch re-scores only itself.
+    models = {"base": "base", "sft": "sft", **{name: name for name in aligned}, "student": "distill"}
+    evaluate = _with_seed(cfg.evaluate, cfg.seed)
+    benchmark_files = tuple(DatasetRef(f"{name}-benchmark", "benchmarks", f"{name}.jsonl", "evaluation") for name in cfg.benchmarks.tasks)
+    scoring = {"benchmarks": "benchmarks", "data": "data", "reward": "reward"}
+    for model, stage in models.items():
+        steps.append(Step(f"evaluate-{model}", "tasks.evaluate", evaluate, {**scoring, "model": stage}, datasets=benchmark_files))
+    source = {"student": "distill"}.get(cfg.quantize.source, cfg.quantize.source)
+    if cfg.quantize.source == "candidate":
+        if candidate is None:
+            return steps  # the flow picks the candidate from the evaluations above, then asks again
+        source = models[candidate]
+    steps.append(Step("quantize", "tasks.quantize", cfg.quantize, {"source": source, "data": "data"}, log_model=True, model="quantize"))
+    for method in cfg.quantize.methods:
+        variant = evaluate.model_copy(update={"variant": method})
+        steps.append(Step(f"evaluate-quantize-{method}", "tasks.evaluate", variant, {**scoring, "model": "quantize"}, datasets=benchmark_files))
+        models[f"quantize-{method}"] = "quantize"
+    report = ReportConfig(
+        aligned=aligned,
+        target_tasks=cfg.align.target_skills,
+        base_is_random=cfg.model.name_or_path is None,
+        candidate=cfg.gate.candidate,
+        eligible=cfg.gate.eligible,
+        primary_metric=cfg.gate.primary_metric,
+        ks=cfg.evaluate.ks,
+    )
+    steps.append(Step("report", "tasks.report", report, {"benchmarks": "benchmarks", "reward": "reward", **{m: f"evaluate-{m}" for m in models}}))
     return steps
 
 

@@ -7,6 +7,7 @@
     posttrain status demo --json           # the newest run named demo (or a run id), as JSON
     posttrain verify                       # re-hash every artifact in the store against its manifest
     posttrain verify sft                   # ... of one stage, or one folder: verify artifacts/store/sft/<fp>
+    posttrain promote demo --model sft     # make that run's sft the registered model's champion, by hand
 
 Errors at the edge (bad config, bad data, a failed contract, a model that cannot be loaded) print
 one line and exit non-zero; the full trace goes to <store_root>/logs/<run id>.log.
@@ -42,8 +43,9 @@ KEY_METRICS = {
     "align-dpo": ["eval_before_implicit_reward_accuracy", "eval_implicit_reward_accuracy", "tokens_per_second"],
     "distill": ["student_parameters", "student_eval_loss", "teacher_eval_loss", "agreement"],
     "quantize": ["nf4_size_ratio", "nf4_loss_delta", "int8_size_ratio", "int8_loss_delta"],
-    "evaluate": [],
+    "report": [],
 }
+EVALUATE_METRICS = ["mean.exact_match", "mean.ece", "mean.self_consistency_k16", "generation_seconds"]
 
 
 def _format_value(value) -> str:
@@ -55,7 +57,7 @@ def _format_value(value) -> str:
 
 
 def _key_metrics(stage: str, metrics: dict) -> str:
-    names = KEY_METRICS.get(stage, [])
+    names = EVALUATE_METRICS if stage.startswith("evaluate-") else KEY_METRICS.get(stage, [])
     return "  ".join(f"{name}={_format_value(metrics[name])}" for name in names if name in metrics)
 
 
@@ -71,19 +73,20 @@ def print_stage_table(record: dict) -> None:
     console.print(table)
 
 
-def print_results_table(evaluate_dir: Path) -> None:
-    results = json.loads((evaluate_dir / "results.json").read_text())
-    for bench_name in next(iter(results.values()))["scores"]:
-        if bench_name == "seconds":
-            continue
-        columns = list(next(iter(results.values()))["scores"][bench_name])
-        table = Table(title=f"{bench_name}: held-out exact match (%)")
-        table.add_column("model")
-        for column in columns:
-            table.add_column(column, justify="right")
-        for model_name, row in results.items():
-            table.add_row(model_name, *(f"{100 * row['scores'][bench_name][c]:.1f}" for c in columns))
-        console.print(table)
+def print_results(record: dict, root: Path) -> None:
+    """The report's table (models x key metrics), its notes and the gate's decision."""
+    from posttrain.report import terminal_table
+
+    if record.get("results"):
+        console.print(terminal_table(record["results"]))
+    report_path = record["stages"].get("report", {}).get("path")
+    if report_path and (root / report_path / "report.json").is_file():
+        for note in json.loads((root / report_path / "report.json").read_text())["notes"]:
+            console.print(f"[dim]note: {note}[/]")
+    gate = record.get("gate")
+    if gate:
+        champion = f"champion v{gate['champion_version']} {gate['champion_score']:.4f}" if gate.get("champion_score") is not None else "no champion re-scored"
+        console.print(f"gate: candidate {gate['candidate']} ({gate['candidate_score']:.4f}) vs {champion}: {gate['decision']} — {gate['reason']}")
 
 
 def _setup_log(root: Path, run_id: str) -> Path:
@@ -128,9 +131,7 @@ def command_run(args) -> int:
         errors.print(f"[red]error:[/] {first_line}  [dim](trace: {log_path})[/]")
         return 1
     print_stage_table(final)
-    evaluate_path = final["stages"].get("evaluate", {}).get("path")
-    if evaluate_path:
-        print_results_table(root / evaluate_path)
+    print_results(final, root)
     hits = sum(1 for info in final["stages"].values() if info.get("cache_hit"))
     console.print(f"run {final['run_id']}: {hits}/{len(final['stages'])} stages from cache. MLflow: mlflow ui --backend-store-uri {cfg.tracking.uri or 'sqlite:///' + str(root / 'mlflow.db')}")
     return 0
@@ -195,6 +196,40 @@ def command_verify(args) -> int:
     return 1 if bad else 0
 
 
+def command_promote(args) -> int:
+    """Move `champion` to a model of a run by hand; recorded on the version and the run as manual."""
+    from posttrain.runs import find_run
+    from posttrain.tracking import CHAMPION, TAG, default_tracking_uri
+
+    root = Path(args.root)
+    record = find_run(root, args.run)
+    if record is None:
+        errors.print(f"[red]error:[/] {args.run}: no such run under {root / 'runs'}")
+        return 1
+    configure_environment()
+    import mlflow
+
+    tracking = record["config"]["tracking"]
+    client = mlflow.MlflowClient(tracking_uri=tracking["uri"] or default_tracking_uri(root))
+    name = tracking["registered_model"] or record["run_name"]
+    found = client.search_model_versions(f"name = '{name}' and tags.`{TAG}model` = '{args.model}' and tags.`{TAG}run_id` = '{record['run_id']}'")
+    if not found:  # a cached stage: its version was registered by the run that built it
+        stage, _, variant = {"student": "distill"}.get(args.model, args.model).partition("quantize-")
+        stage_path = record["stages"].get(stage or "quantize", {}).get("path")
+        store_path = f"{stage_path}/{variant}" if variant else stage_path
+        found = [v for v in client.search_model_versions(f"name = '{name}' and tags.`{TAG}model` = '{args.model}'") if v.tags.get(f"{TAG}store_path") == store_path]
+    if not found:
+        errors.print(f"[red]error:[/] run {record['run_id']}: no registered version of model {args.model!r} in {name!r}")
+        return 1
+    version = found[0].version
+    client.set_registered_model_alias(name, CHAMPION, version)
+    tags = {f"{TAG}gate.decision": "promoted by hand", f"{TAG}gate.reason": args.reason or f"posttrain promote {record['run_id']} --model {args.model}"}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    console.print(f"{name} v{version} ({args.model} of run {record['run_id']}) is now `{CHAMPION}`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -207,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     status_parser.add_argument("--json", action="store_true", help="print the run record as JSON")
     verify_parser = commands.add_parser("verify", help="re-hash published artifacts and compare them with their manifests")
     verify_parser.add_argument("target", nargs="?", help="a stage name or an artifact folder; default: every artifact")
-    for sub in (runs_parser, status_parser, verify_parser):
+    promote_parser = commands.add_parser("promote", help="make a model of a run the registered model's champion, by hand")
+    promote_parser.add_argument("run", help="a run id or a run name (its newest run)")
+    promote_parser.add_argument("--model", required=True, help="sft, align-dpo, student, quantize-nf4, ...")
+    promote_parser.add_argument("--reason", help="recorded on the version")
+    for sub in (runs_parser, status_parser, verify_parser, promote_parser):
         sub.add_argument("--root", default="artifacts", help="the store root (store_root in the config)")
     args = parser.parse_args(argv)
-    commands_by_name = {"run": command_run, "runs": command_runs, "status": command_status, "verify": command_verify}
+    commands_by_name = {"run": command_run, "runs": command_runs, "status": command_status, "verify": command_verify, "promote": command_promote}
     try:
         return commands_by_name[args.command](args)
     except ConfigError as exc:

@@ -63,7 +63,8 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite file under the store root")
     experiment: str = "posttrain"
-    log_models: bool = Field(True, description="upload model folders as MLflow artifacts (turn off for large models)")
+    log_models: bool = Field(True, description="upload model folders as MLflow artifacts (off: register references to the store folders)")
+    registered_model: str | None = Field(None, description="registered model every model of the run is a version of; null: the run name")
 
 
 class LauncherConfig(Section):
@@ -275,13 +276,36 @@ class DataConfig(Section):
 # ----------------------------------------------------------------------------- benchmarks
 
 
-class BenchmarkConfig(Section):
-    """A held-out benchmark definition. `kind` picks a task from posttrain.benchmarks."""
+BENCHMARK_TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "benchmarks"
+DEMO_SKILL_TASKS = ("copy", "reverse", "sort", "upper", "max", "add")
 
-    kind: Literal["skills"] = "skills"
-    per_skill: int = Field(100, ge=1)
-    seed: int = 1234
-    skills: list[str] | None = None
+
+def benchmark_task_file(name_or_path: str) -> Path:
+    """A task by name (configs/benchmarks/<name>.yaml) or by the path of its YAML file."""
+    path = Path(name_or_path)
+    return path if path.suffix in (".yaml", ".yml") else BENCHMARK_TASKS_DIR / f"{name_or_path}.yaml"
+
+
+class BenchmarksConfig(Section):
+    """Which benchmark tasks the run scores: each one a YAML file (posttrain.benchmarks)."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(DEMO_SKILL_TASKS), min_length=1)
+    items: int | None = Field(None, ge=1, description="scored items per task; null: each task's own `items`")
+    calibration_items: int = Field(50, ge=0, description="items per task, disjoint from the scored ones, for temperature scaling")
+
+    def outside_inputs(self) -> dict[str, OutsideInput]:
+        """Each task file by content, and the data file it reads (a path relative to the repository root)."""
+        found = {}
+        for index, name in enumerate(self.tasks):
+            path = benchmark_task_file(name)
+            found[f"benchmarks.tasks[{index}]"] = OutsideInput("path", str(path))
+            try:
+                source = (yaml.safe_load(path.read_text()) or {}).get("source", {}) if path.is_file() else {}
+            except yaml.YAMLError:
+                source = {}  # the benchmarks stage reports the file's error with its line
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                found[f"benchmarks.tasks[{index}].source"] = OutsideInput("path", source["path"])
+        return found
 
 
 # ----------------------------------------------------------------------------- training stages
@@ -345,6 +369,9 @@ ALIGN_METHODS_AVAILABLE = ("dpo",)
 
 class AlignConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["dpo"])
+    target_skills: list[str] | None = Field(
+        None, description="what alignment targets; evaluate reports the other tasks' change against sft as the alignment tax"
+    )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     @field_validator("methods")
@@ -381,17 +408,59 @@ class DistillConfig(Section):
 
 
 class QuantizeConfig(Section):
-    source: Literal["sft", "student", "base"] = Field("sft", description="which model of the run is quantized")
+    source: Literal["sft", "student", "base", "candidate"] = Field(
+        "sft", description="which model of the run is quantized; candidate: the gate's candidate, after the per-model evaluations"
+    )
     methods: list[Literal["nf4", "int8"]] = Field(default_factory=lambda: ["nf4", "int8"])
     eval_rows: int = Field(256, ge=1, description="eval-split rows used to measure the loss before/after")
 
 
 class EvaluateConfig(Section):
-    """Scoring settings only; what is scored lives in `benchmarks`."""
+    """How each model is scored (its own cached stage, evaluate-<model>); what is scored lives in `benchmarks`."""
 
+    seed: int | None = Field(None, description="sampling seed; null: the pipeline's top-level seed")
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(128, ge=1)
-    limit_per_skill: int | None = Field(None, ge=1, description="score only the first N items of each skill")
+    samples: int = Field(16, ge=1, description="samples per item for test-time scaling (self-consistency, best-of-N)")
+    sample_items: int = Field(100, ge=0, description="scored items, spread over the tasks, that get the samples")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature for the test-time-scaling samples")
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="k for the accuracy-vs-k curves (each <= samples)")
+    ece_bins: int = Field(10, ge=2)
+    top_logits: int = Field(64, ge=2, description="logits kept per generated token to refit its temperature (calibration)")
+    loss_rows: int = Field(256, ge=0, description="SFT eval-split rows for completion loss / perplexity")
+    variant: str | None = Field(None, description="set by the flow: the quantized variant (subfolder) to score")
+
+    @model_validator(mode="after")
+    def _ks_fit_samples(self) -> "EvaluateConfig":
+        if any(k < 1 or k > self.samples for k in self.ks):
+            raise ValueError(f"ks {self.ks}: each k must be between 1 and samples ({self.samples})")
+        return self
+
+
+class GateConfig(Section):
+    """The promotion gate: the candidate becomes the registered model's `champion` only if it is better."""
+
+    enabled: bool = True
+    candidate: str = Field("best", description="best: the best eligible model by the primary metric; or a model name (sft, align-dpo, student)")
+    eligible: list[str] | None = Field(None, description="models that may be the candidate; null: every trained model but the quantized variants")
+    primary_metric: str = Field(
+        "exact_match", description="a metric of the `mean` row; higher is better except for losses and ECE (posttrain.metrics.LOWER_IS_BETTER)"
+    )
+    margin: float = Field(0.0, ge=0, description="how much the candidate must beat the champion by")
+    quantized_method: Literal["nf4", "int8"] = "nf4"
+    quantized_budget: float = Field(0.02, ge=0, description="largest primary-metric drop of the candidate's quantized variant")
+
+
+class ReportConfig(Section):
+    """The report stage's section, filled by flows/plan.py from the pipeline config (not a config file section)."""
+
+    aligned: list[str] = Field(default_factory=list)
+    target_tasks: list[str] | None = None
+    base_is_random: bool = False
+    candidate: str = "best"
+    eligible: list[str] | None = None
+    primary_metric: str = "exact_match"
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -405,17 +474,18 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
-    benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=lambda: {"skills": BenchmarkConfig()})
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     def check_outside_paths(self, origin: str = "config") -> None:
         """Every local file or folder a stage will read exists: found now, not after earlier stages ran."""
-        for section in (self.model, self.data):
+        for section in (self.model, self.data, self.benchmarks):
             for key, item in section.outside_inputs().items():
                 if item.kind == "path" and not Path(item.name).expanduser().exists():
                     raise ConfigError(f"{origin}: {key}: {item.name}: no such file or folder")

@@ -1,10 +1,12 @@
 """Score a causal LM on completion tokens: the held-out loss every training stage reports.
 
-    loss, predictions = completion_scores(model, examples, pad_id)   # examples from formatting.encode_example
+    loss, predictions = completion_scores(model, examples, pad_id)   # examples from ChatFormat.encode_rows
+    rewards = score_ids(reward_model, [prompt_ids + reply_ids, ...], pad_id, max_length)
 
-SFT (loss before/after), distillation (student vs teacher, argmax agreement) and quantization
-(loss change, agreement with the source) all measure with this one function, so their figures are
-comparable: mean cross-entropy per completion token, prompt tokens excluded by the loss mask.
+SFT (loss before/after), distillation (student vs teacher, argmax agreement), quantization (loss
+change, agreement with the source) and evaluation all measure with `completion_scores`, so their
+figures are comparable: mean cross-entropy per completion token, prompt tokens excluded by the
+loss mask. `score_ids` is the reward model's score of token sequences (reward, evaluate).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import formatting
+
+REWARD_BATCH = 64  # sequences per reward-model forward; inference only
 
 
 @torch.no_grad()
@@ -31,3 +35,24 @@ def completion_scores(model, examples: list[dict], pad_id: int, batch_size: int 
         total_tokens += selected.shape[0]
         predictions.append(selected.argmax(-1).cpu())
     return total_loss / max(total_tokens, 1), torch.cat(predictions) if predictions else torch.empty(0)
+
+
+@torch.no_grad()
+def score_ids(model, sequences: list[list[int]], pad_id: int, max_length: int) -> torch.Tensor:
+    """One reward per token sequence. Right padding: the classifier reads the last non-pad token."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(sequences), REWARD_BATCH):
+        chunk = [ids[:max_length] for ids in sequences[start : start + REWARD_BATCH]]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores)

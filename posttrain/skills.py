@@ -155,24 +155,3 @@ def generate_rows(
     for row in noise:
         records.insert(rng.randrange(len(records) + 1), row)
     return records, planted
-
-
-def benchmark_items(per_skill: int, seed: int, skills: list[str] | None = None) -> list[dict]:
-    """Held-out items: unique prompts per skill, drawn with their own seed.
-
-    Overlap with training prompts is removed from the *training* side by the data stage's
-    decontamination, so the benchmark itself stays fixed whatever the training data is.
-    """
-    rng = random.Random(seed)
-    items: list[dict] = []
-    for skill in skill_names(skills):
-        seen: set[str] = set()
-        attempts = 0
-        while len([i for i in items if i["skill"] == skill]) < per_skill and attempts < per_skill * 50:
-            attempts += 1
-            prompt, answer = sample(skill, rng)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            items.append({"id": f"{skill}-{len(seen) - 1}", "skill": skill, "prompt": prompt, "answer": answer})
-    return items

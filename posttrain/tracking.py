@@ -29,6 +29,7 @@ from posttrain.fingerprint import section_payload
 from posttrain.runner import StageOutcome, git_state
 
 TAG = "posttrain."
+CHAMPION = "champion"
 ARTIFACTS_FOLDER = "mlartifacts"
 # MLflow 3's UI opens an experiment in its GenAI view (an empty "Traces" page) unless it carries this.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -108,6 +109,7 @@ class PipelineTracking:
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self.child_runs: dict[str, str] = {}
+        self.model_versions: dict[str, str] = {}  # model name -> registered version, this run
 
     # ------------------------------------------------------------------ parent run
     def __enter__(self) -> "PipelineTracking":
@@ -185,6 +187,7 @@ class PipelineTracking:
         log_model: bool = False,
         started: float | None = None,
         ended: float | None = None,
+        model: str | None = None,
     ) -> str | None:
         """Create the stage's child run; returns its id (None when tracking is off).
 
@@ -243,17 +246,118 @@ class PipelineTracking:
             inputs.append(self._dataset_input(name, source_artifact, inner_path, context))
         if inputs:
             client.log_inputs(run_id, datasets=inputs)
-        for extra in ("results.md", "results.json", "rejected.jsonl"):
+        for extra in ("results.md", "results.json", "rejected.jsonl", "report.json", *sorted(p.name for p in artifact.path.glob("*.png"))):
             if (artifact.path / extra).is_file():
                 client.log_artifact(run_id, str(artifact.path / extra))
+        if (artifact.path / "table.json").is_file():  # the report's results, as an MLflow table
+            client.log_table(run_id, data=json.loads((artifact.path / "table.json").read_text()), artifact_file="results_table.json")
         for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
             if (artifact.path / folder).is_dir():
                 client.log_artifacts(run_id, str(artifact.path / folder), artifact_path=folder)
-        if log_model and self.config.log_models and not outcome.cache_hit:
+        if log_model and self.config.log_models and not outcome.cache_hit and model is None:
             client.log_artifacts(run_id, str(artifact.path), artifact_path="model")
+        if model is not None:
+            self.register_models(client, model, artifact, run_id, params)
         client.set_terminated(run_id, "FINISHED", end_time=int((ended or time.time()) * 1000))
         self.child_runs[stage] = run_id
         return run_id
+
+    # ------------------------------------------------------------------ models and the registry
+    @property
+    def registered_model(self) -> str:
+        return self.config.registered_model or self.run_name
+
+    def register_models(self, client, model: str, artifact, run_id: str, params: dict) -> None:
+        """Each model of the artifact (a quantize artifact holds one per variant) as an MLflow 3
+        logged model linked to this run, with its params and metrics, registered as a version of
+        `registered_model`. With `log_models: false` the logged model is a reference to the store
+        folder and no bytes are uploaded. A model already registered (same digest) is reused."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_registered_model(self.registered_model)
+        except MlflowException:
+            client.create_registered_model(self.registered_model, tags={f"{TAG}kind": "posttrain models"})
+        variants = artifact.manifest.get("variants") or [None]
+        for variant in variants:
+            name = f"{model}-{variant}" if variant else model
+            folder = artifact.path / variant if variant else artifact.path
+            store_path = f"{artifact.manifest['path']}/{variant}" if variant else artifact.manifest["path"]
+            existing = client.search_model_versions(
+                f"name = '{self.registered_model}' and tags.`{TAG}digest` = '{artifact.digest}' and tags.`{TAG}model` = '{name}'"
+            )
+            if existing:
+                self.model_versions[name] = existing[0].version
+                continue
+            tags = {f"{TAG}model": name, f"{TAG}digest": artifact.digest, f"{TAG}store_path": store_path, f"{TAG}run_id": self.run_id, f"{TAG}stage_run": run_id}
+            metrics = {key: float(value) for key, value in artifact.metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            logged = client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=run_id, tags=tags, params=dict(list(params.items())[:100]), model_type="transformers-causal-lm"
+            )
+            if self.config.log_models:
+                client.log_model_artifacts(logged.model_id, str(folder))
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(f"model.{name}.{key}", value, now, 0, model_id=logged.model_id) for key, value in list(metrics.items())[:200]])
+            client.finalize_logged_model(logged.model_id, "READY")
+            version = client.create_model_version(
+                self.registered_model, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id,
+                description=f"{name} from run {self.run_id}; store folder `{store_path}`",
+            )
+            self.model_versions[name] = version.version
+
+    def champion(self):
+        """The registered model's `champion` version, or None (also when tracking is off)."""
+        if not self.config.enabled:
+            return None
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow.MlflowClient().get_model_version_by_alias(self.registered_model, CHAMPION)
+        except MlflowException:
+            return None
+
+    def champion_folder(self, version, store_root: Path):
+        """The champion's model folder as an Artifact: in this store when its folder is here and
+        unchanged, else its uploaded weights downloaded into the store's cache; None if neither."""
+        import mlflow
+
+        from posttrain.artifacts import Artifact, digest_dir
+
+        tags = version.tags
+        local = Path(store_root) / tags.get(f"{TAG}store_path", "\0")
+        if local.is_dir() and (local / "config.json").is_file():
+            return Artifact(local, {"digest": digest_dir(local), "path": tags[f"{TAG}store_path"]})
+        target = Path(store_root) / "cache" / "champion" / f"v{version.version}"
+        if not target.is_dir():
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target))
+            except Exception:  # an external (reference-only) model, or an unreachable artifact store
+                return None
+        folders = [path.parent for path in target.rglob("config.json")]
+        if not folders:
+            return None
+        return Artifact(folders[0], {"digest": digest_dir(folders[0]), "path": folders[0].relative_to(store_root).as_posix()})
+
+    def apply_gate(self, candidate: str, promote: bool, gate: dict) -> str | None:
+        """Tag the decision on the pipeline run and on the candidate's version; move `champion` to
+        it when promoted. Returns the candidate's version."""
+        if not self.config.enabled:
+            return None
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        version = self.model_versions.get(candidate)
+        tags = {f"{TAG}gate.{key}": str(value) for key, value in gate.items()}
+        for key, value in tags.items():
+            client.set_tag(self.parent_run_id, key, value)
+            if version is not None:
+                client.set_model_version_tag(self.registered_model, version, key, value)
+        if promote and version is not None:
+            client.set_registered_model_alias(self.registered_model, CHAMPION, version)
+        return version
 
     @staticmethod
     def _dataset_input(name: str, source_artifact, inner_path: str, context: str):

@@ -26,9 +26,9 @@ from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.scoring import score_ids
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
-SCORE_BATCH = 64  # pairs per forward when scoring; inference only, so larger than the train batch
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
@@ -36,27 +36,6 @@ def pair_ids(parts: list[dict]) -> list[dict]:
     """Per pair the token ids RewardTrainer scores, from ChatFormat.split_replies: prompt + chosen
     reply and prompt + rejected reply (each reply ends with its end-of-turn token)."""
     return [{"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]} for p in parts]
-
-
-@torch.no_grad()
-def score_ids(model, sequences: list[list[int]], pad_id: int, max_length: int) -> torch.Tensor:
-    """One reward per token sequence. Right padding: the classifier reads the last non-pad token."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(sequences), SCORE_BATCH):
-        chunk = [ids[:max_length] for ids in sequences[start : start + SCORE_BATCH]]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
-    model.train(was_training)
-    return torch.cat(scores)
 
 
 def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:

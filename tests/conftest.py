@@ -46,6 +46,16 @@ def tiny_data(tmp_path_factory) -> Artifact:
 
 @pytest.fixture(scope="session")
 def tiny_benchmarks(tmp_path_factory) -> Artifact:
+    """The six demo skill tasks, 5 scored + 3 calibration items each, as the benchmarks stage writes them."""
+    import json
+
+    from posttrain.benchmarks import load_task, task_items
+
     folder = tmp_path_factory.mktemp("benchmarks")
-    write_jsonl(folder / "skills.jsonl", skills.benchmark_items(per_skill=5, seed=1234))
+    specs = {}
+    for name in ("copy", "reverse", "sort", "upper", "max", "add"):
+        task = load_task(name)
+        write_jsonl(folder / f"{name}.jsonl", task_items(task, calibration=3, items=5))
+        specs[name] = task.model_dump(mode="json", exclude={"file"})
+    (folder / "tasks.json").write_text(json.dumps(specs))
     return Artifact(folder, {"digest": "tiny-benchmarks", "metrics": {}})

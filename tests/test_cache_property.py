@@ -46,7 +46,7 @@ UNTAKEN_BRANCH_IMPORTS = {"data": {"datasets", "datasketch", "ijson", "pyarrow"}
 SHARDS = 2
 LIBRARIES = (
     "torch", "transformers", "trl", "tokenizers", "safetensors", "accelerate", "numpy", "pandas", "pyarrow",
-    "great-expectations", "datasets", "pydantic", "pyyaml", "bitsandbytes", "peft", "datasketch", "ijson",
+    "great-expectations", "datasets", "pydantic", "pyyaml", "bitsandbytes", "peft", "datasketch", "ijson", "matplotlib",
 )
 
 
@@ -57,7 +57,8 @@ def tiny_overrides(source: Path) -> list[str]:
         "{role: preference, generate: {rows: 120}}, {role: prompt, generate: {rows: 30}}]",
         "sft.max_steps=2", "sft.batch_size=8", "sft.eval_rows=8", "reward.max_steps=2", "reward.batch_size=4",
         "align.dpo.max_steps=2", "align.dpo.batch_size=4", "distill.max_steps=2", "distill.batch_size=8",
-        "quantize.eval_rows=8", "evaluate.max_new_tokens=4", "benchmarks.skills.per_skill=2",
+        "quantize.eval_rows=8", "quantize.methods=[nf4]", "benchmarks.items=2", "benchmarks.calibration_items=2",
+        "evaluate.max_new_tokens=4", "evaluate.samples=2", "evaluate.sample_items=4", "evaluate.ks=[1, 2]", "evaluate.loss_rows=8",
     ]
 
 
@@ -160,11 +161,11 @@ def build_edits(world: World) -> list[tuple[str, callable]]:
         return apply
 
     for override in (
-        "seed=1", "model.tiny.intermediate_size=128", "benchmarks.skills.per_skill=3", "data.eval_fraction=0.2",
+        "seed=1", "model.tiny.intermediate_size=128", "benchmarks.items=3", "data.eval_fraction=0.2",
         "data.near_dup.threshold=0.7", "data.max_tokens=64", "sft.lr=1e-3", "sft.max_length=64", "reward.lr=5e-4",
         "align.dpo.beta=0.3", "distill.temperature=1.0", "distill.teacher=base", "quantize.eval_rows=4",
-        "quantize.methods=[nf4]", "evaluate.max_new_tokens=5", "data.batch_rows=50", "sft.launcher.kind=subprocess",
-        "runtime.threads=2", "tracking.log_models=false",
+        "quantize.methods=[int8]", "evaluate.max_new_tokens=5", "evaluate.temperature=0.7", "align.target_skills=[sort]",
+        "data.batch_rows=50", "sft.launcher.kind=subprocess", "runtime.threads=2", "tracking.log_models=false",
     ):
         edits.append((f"config: {override}", config_edit(override)))
 

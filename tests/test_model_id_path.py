@@ -64,14 +64,16 @@ def test_qwen_config_runs_base_sft_lora_and_evaluate_with_the_chatml_template(qw
     example = sft.manifest["chat_template"]["example"]
     assert example.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>") and example.count("<|im_start|>assistant\n") == 3
     assert (tmp_path / "sft" / "chat_template.jinja").read_text() == QWEN25_TEMPLATE  # saved with the model
-    (tmp_path / "eval").mkdir()
-    inputs = {"benchmarks": tiny_benchmarks, "base": base, "sft": Artifact(sft.path, {})}
-    result = tasks.evaluate.run(EvaluateConfig(max_new_tokens=4, limit_per_skill=1), inputs, tmp_path / "eval")
-    assert set(result.manifest["models"]) == {"base", "sft"}
-    for model in ("base", "sft"):  # generated from the ChatML prompt, stopping at <|im_end|>
-        described = result.manifest["chat_templates"][model]
+    qwen_prompt = "<|im_end|>\n<|im_start|>assistant\n"
+    for name, model in (("base", base), ("sft", Artifact(sft.path, {}))):
+        (tmp_path / f"eval-{name}").mkdir()
+        config = EvaluateConfig(max_new_tokens=4, samples=2, ks=[1, 2], sample_items=4)
+        result = tasks.evaluate.run(config, {"benchmarks": tiny_benchmarks, "model": model}, tmp_path / f"eval-{name}")
+        # Generated from the ChatML prompt, stopping at <|im_end|>.
+        described = result.manifest["chat_template"]
         assert described["sha256"] == qwen_sha and described["end_of_turn"] == "<|im_end|>"
-        assert described["example"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert described["example"].endswith(qwen_prompt)
+        assert "mean.exact_match" in result.metrics
 
 
 def test_pickle_only_checkpoint_is_refused(qwen_folder, tmp_path):

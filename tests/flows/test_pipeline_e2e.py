@@ -16,7 +16,12 @@ import pytest
 from posttrain.runs import find_run, list_runs
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["base", "benchmarks", "data", "sft", "reward", "align-dpo", "distill", "quantize", "evaluate"]
+MODELS = ["base", "sft", "align-dpo", "student", "quantize-nf4", "quantize-int8"]
+STAGES = [
+    "base", "benchmarks", "data", "sft", "reward", "align-dpo", "distill",
+    "evaluate-base", "evaluate-sft", "evaluate-align-dpo", "evaluate-student",
+    "quantize", "evaluate-quantize-nf4", "evaluate-quantize-int8", "report",
+]
 
 
 def posttrain(root: Path, *args: str, config: str = "configs/smoke.yaml") -> subprocess.CompletedProcess:
@@ -53,9 +58,12 @@ def test_first_run_builds_every_stage(first_run, root):
         assert ("torch" in manifest["versions"]) == (stage != "benchmarks")  # the benchmark items need no torch
         assert manifest["built_by"]["run_id"] == first_run["run_id"]
         assert manifest["path"] == f"store/{stage}/{info['fingerprint']}"  # relative paths
-    evaluate = first_run["stages"]["evaluate"]["metrics"]
-    for model in ("base", "sft", "align-dpo", "student", "quantize-nf4", "quantize-int8"):
-        assert f"{model}.skills.mean" in evaluate
+    assert list(first_run["results"]) == MODELS  # the report's schema: {model: {task: {metric: value}}}
+    for model in MODELS:
+        assert {"copy", "add", "mean"} <= set(first_run["results"][model])
+        assert "exact_match" in first_run["results"][model]["sort"] and "ece_scaled" in first_run["results"][model]["mean"]
+    assert first_run["results"]["align-dpo"]["mean"]["win_rate_vs_sft"] >= 0
+    assert first_run["gate"]["decision"] == "promoted" and first_run["gate"]["reason"] == "no champion yet"
 
 
 def test_mlflow_has_parent_and_one_child_per_stage(first_run, root):
@@ -77,8 +85,16 @@ def test_mlflow_has_parent_and_one_child_per_stage(first_run, root):
     assert sft.inputs.dataset_inputs, "sft logs the dataset it trained on"
     dpo_tags = by_stage["align-dpo"].data.tags
     assert "posttrain.upstream.reward" not in dpo_tags  # DPO does not depend on the reward model
-    artifacts = {item.path for item in client.list_artifacts(sft.info.run_id)}
-    assert {"manifest.json", "model"} <= artifacts
+    assert "manifest.json" in {item.path for item in client.list_artifacts(sft.info.run_id)}
+    # The model itself is an MLflow 3 logged model linked to the run that built it, and a version
+    # of the registered model with that run as its source.
+    (logged,) = client.search_logged_models([experiment.experiment_id], filter_string=f"source_run_id = '{sft.info.run_id}'")
+    sft_manifest = json.loads((root / first_run["stages"]["sft"]["path"] / "manifest.json").read_text())
+    assert logged.name == "sft" and logged.tags["posttrain.digest"] == sft_manifest["digest"]
+    assert {"config.json", "model.safetensors"} <= {item.path for item in client.list_logged_model_artifacts(logged.model_id)}
+    (version,) = client.search_model_versions("name = 'smoke' and tags.`posttrain.model` = 'sft'")
+    # The SQL registry keeps the link in the version's source URI (its model_id column stays empty).
+    assert version.run_id == sft.info.run_id and version.source == f"models:/{logged.model_id}"
 
 
 def test_second_run_in_new_process_is_all_cache_hits(first_run, root):
@@ -96,11 +112,12 @@ def test_second_run_in_new_process_is_all_cache_hits(first_run, root):
     assert sft_child.data.tags["posttrain.built_by_run"] == first_run["stages"]["sft"]["mlflow_run_id"]
 
 
-def test_evaluate_only_change_reruns_only_evaluate(first_run, root):
+def test_evaluate_only_change_reruns_only_the_evaluations(first_run, root):
     result = posttrain(root, "--set", "evaluate.max_new_tokens=6")
     assert result.returncode == 0, result.stderr[-3000:]
     states = {stage: info["state"] for stage, info in record(root)["stages"].items()}
-    assert states.pop("evaluate") == "built"
+    scoring = [stage for stage in states if stage.startswith("evaluate-") or stage == "report"]
+    assert {states.pop(stage) for stage in scoring} == {"built"}
     assert set(states.values()) == {"cached"}
 
 
@@ -111,7 +128,8 @@ def test_reward_change_leaves_dpo_cached(first_run, root):
     assert states["reward"] == "built"
     assert states["align-dpo"] == "cached"
     assert states["sft"] == "cached"
-    assert states["evaluate"] == "cached"  # evaluate scores generative models; the reward model is not one of them
+    # The reward model ranks best-of-N samples and scores replies: every evaluation reads it.
+    assert states["evaluate-sft"] == "built" and states["quantize"] == "cached"
 
 
 def test_deleted_artifact_is_rebuilt_despite_prefect_cache(first_run, root):

@@ -28,10 +28,15 @@ def canonical(prompt: str, response: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", f"{prompt} {response}".lower()).split())
 
 
+def benchmark_items(folder) -> list[dict]:
+    """Every item of every task file the benchmarks artifact holds."""
+    return [item for path in sorted(folder.glob("*.jsonl")) for item in read_jsonl(path)]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_benchmarks):
     folder = tmp_path_factory.mktemp("sources")
-    items = read_jsonl(tiny_benchmarks.path / "skills.jsonl")
+    items = read_jsonl(tiny_benchmarks.path / "copy.jsonl")
     contaminated = items[:4]
     instruction = [
         # normalisation: full-width letters (NFKC), a tab run, a control character, padded ends
@@ -123,10 +128,11 @@ def test_decontamination_removes_planted_benchmark_prompts(stage, files, tiny_be
     source = str(files["folder"] / "instruction.jsonl")
     planted = [e for e in stage["rejected"] if e["rule"] == "decontaminated" and e["source"] == source]
     assert sorted(e["source_row"] for e in planted) == [3, 4, 5, 6]
-    assert all(e["benchmarks"] == ["skills"] for e in planted)
+    assert all(e["benchmarks"] == ["copy"] for e in planted)
     metrics = stage["metrics"]
-    assert metrics["decontaminated_skills"] == metrics["removed_decontaminated"] >= files["contaminated"]
-    benchmark_prompts = {item["prompt"] for item in read_jsonl(tiny_benchmarks.path / "skills.jsonl")}
+    per_task = sum(value for key, value in metrics.items() if key.startswith("decontaminated_"))
+    assert per_task == metrics["removed_decontaminated"] >= files["contaminated"] and metrics["decontaminated_copy"] >= 4
+    benchmark_prompts = {item["prompt"] for item in benchmark_items(tiny_benchmarks.path)}
     for role in ROLE_FIELDS:
         assert not benchmark_prompts & {row["prompt"] for row in outputs(stage["out"], role)}
 
@@ -214,7 +220,7 @@ def test_metrics_contracts_and_manifest(stage):
 
 def test_a_broken_edge_stops_the_stage(tmp_path, tiny_base, tiny_benchmarks):
     # Every prompt row is a benchmark prompt: the prompt split comes out empty and its contract fails.
-    items = read_jsonl(tiny_benchmarks.path / "skills.jsonl")[:3]
+    items = read_jsonl(tiny_benchmarks.path / "copy.jsonl")[:3]
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": i["prompt"], "answer": i["answer"]} for i in items])
     config = DataConfig(sources=[{"role": "prompt", "path": str(tmp_path / "prompts.jsonl")}])
     out_dir = tmp_path / "out"
