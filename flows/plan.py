@@ -5,6 +5,8 @@
 
     base ──┬─▶ data ──┬─▶ sft ──┬─▶ reward                 (init: sft or base)
     bench ─┘          │         ├─▶ align-dpo              (sft, data: no reward input)
+                      │         ├─▶ align-ppo              (sft, reward, data)
+                      │         ├─▶ align-grpo             (sft, data; reward when a reward_model term is configured)
                       │         └─▶ distill                (teacher by config)
     each model (base, sft, align-*, student) ─▶ evaluate-<model>   (benchmarks, data, reward)
       ─▶ candidate (flows) ─▶ quantize (source by config, or the candidate) ─▶ evaluate-quantize-<m>
@@ -63,11 +65,24 @@ def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
             cfg.reward.launcher, preference, True,
         ),
     ]
+    # Each align method is its own branch from the same SFT model, with only the inputs it reads, so
+    # a change to one method's section (or to the reward model, for DPO) leaves the others cached.
+    prompts = (DatasetRef("prompt-train", "data", "prompt/train.jsonl", "training"),)
     aligned = []
     if "dpo" in cfg.align.methods:
         dpo = _with_seed(cfg.align.dpo, cfg.seed)
         steps.append(Step("align-dpo", "tasks.align.dpo", dpo, {"sft": "sft", "data": "data"}, dpo.launcher, preference, True, "align-dpo"))
         aligned.append("align-dpo")
+    if "ppo" in cfg.align.methods:
+        ppo = _with_seed(cfg.align.ppo, cfg.seed)
+        steps.append(Step("align-ppo", "tasks.align.ppo", ppo, {"sft": "sft", "reward": "reward", "data": "data"}, ppo.launcher, prompts, True, "align-ppo"))
+        aligned.append("align-ppo")
+    if "grpo" in cfg.align.methods:
+        grpo = _with_seed(cfg.align.grpo, cfg.seed)
+        learned = any(term.name == "reward_model" for term in grpo.rewards)
+        grpo_inputs = {"sft": "sft", "data": "data", **({"reward": "reward"} if learned else {})}
+        steps.append(Step("align-grpo", "tasks.align.grpo", grpo, grpo_inputs, grpo.launcher, prompts, True, "align-grpo"))
+        aligned.append("align-grpo")
     steps.append(
         Step(
             "distill", "tasks.distill", _with_seed(cfg.distill, cfg.seed), {"teacher": cfg.distill.teacher, "data": "data"},

@@ -350,13 +350,24 @@ class RewardConfig(Section):
 
 class DpoConfig(Section):
     seed: int | None = Field(None, description="null: the pipeline's top-level seed")
-    # Demo defaults, measured on 1 CPU thread from a 0.1M SFT model: ~0.075 s/step, ~42 s. Plain DPO
+    # Demo defaults, measured on 1 CPU thread from a 0.1M SFT model: ~0.075 s/step. Plain DPO
     # (sft_weight 0) with them cut a 95 %-skilled SFT model to 49 % and a 22 % one to 10 % (greedy exact
     # match); with the NLL term: 92 % and 27 %.
     beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's log-sigmoid loss; ipo: IPO's squared loss (TRL)")
     sft_weight: float = Field(
         1.0, ge=0, description="weight of an NLL loss on the chosen answer added to DPO (RPO); 0 = plain DPO"
     )
+    reference: Literal["auto", "precompute", "model"] = Field(
+        "auto", description="precompute: score every pair with the frozen SFT model once; model: a reference forward per step; auto: precompute when training visits every pair"
+    )
+    pairs: Literal["data", "on_policy"] = Field(
+        "data", description="data: the preference rows; on_policy: the SFT model's own wrong samples on the prompt rows against their correct answer"
+    )
+    on_policy_samples: int = Field(8, ge=1, description="samples per prompt row when pairs: on_policy")
+    on_policy_temperature: float = Field(1.0, gt=0)
+    replay_weight: float = Field(0.0, ge=0, description="weight of an NLL term on replayed SFT rows of every skill; 0: off")
+    replay_rows: int = Field(32, ge=1, description="instruction rows per step for the replay term")
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(64, ge=1, description="preference pairs per step")
     lr: float = Field(2e-4, gt=0)
@@ -364,7 +375,80 @@ class DpoConfig(Section):
     launcher: LauncherConfig = launcher_field()
 
 
-ALIGN_METHODS_AVAILABLE = ("dpo",)
+class RewardTerm(Section):
+    """One term of an RL stage's training reward: a function of tasks/align/rewards.py by name."""
+
+    name: str = Field(description="exact_match, partial_credit, format, reward_model, length, or one you register")
+    weight: float = 1.0
+
+
+class HackingConfig(Section):
+    """The reward-hacking detector (tasks/align/hacking.py): the proxy reward rose while the gold fell."""
+
+    window: int = Field(25, ge=1, description="steps averaged per window (smaller windows mistake noise for a fall)")
+    min_gold_drop: float = Field(0.05, ge=0, description="gold must fall at least this much from its best window")
+
+
+class RolloutSettings(Section):
+    """What PPO and GRPO share: prompts, sampling, the reward, the KL to the SFT model, replay.
+    Defaults are the demo's, measured on the 2-core box (docs/benchmarks.md, "Alignment")."""
+
+    seed: int | None = Field(None, description="null: the pipeline's top-level seed")
+    max_steps: int = Field(200, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (log-probs use the same)")
+    max_new_tokens: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate: 10 warm-up steps, then cosine decay to 0")
+    max_grad_norm: float = Field(1.0, gt=0)
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="exact_match")], min_length=1)
+    gold: str | None = Field(
+        "exact_match", description="verifiable reward scored on the same samples (rows need an `answer`); null: none"
+    )
+    replay_weight: float = Field(1.0, ge=0, description="weight of an NLL term on replayed SFT rows of every skill (PPO-ptx style); 0: off")
+    replay_rows: int = Field(32, ge=1, description="instruction rows per step for the replay term")
+    hacking: HackingConfig = Field(default_factory=HackingConfig)
+    launcher: LauncherConfig = launcher_field()
+
+
+class PpoConfig(RolloutSettings):
+    """PPO (tasks/align/ppo.py): policy and frozen reference from SFT, a critic, GAE, clipped objectives."""
+
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="reward_model")], min_length=1)
+    critic_init: Literal["reward", "policy"] = Field("reward", description="the critic's body and head: the reward model's (OpenRLHF) or the policy's")
+    critic_lr: float = Field(1e-3, gt=0)
+    kl_beta: float = Field(0.05, ge=0, description="per-token KL penalty on the reward (start value when kl_target is set)")
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL controller's target (nats per sequence); null: fixed beta")
+    kl_horizon: int = Field(10000, ge=1)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.5, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    ppo_epochs: int = Field(2, ge=1)
+    minibatches: int = Field(2, ge=1)
+    whiten_advantages: bool = True
+
+
+class GrpoConfig(RolloutSettings):
+    """GRPO (tasks/align/grpo.py): G samples per prompt, group-relative advantages, no critic."""
+
+    group_size: int = Field(16, ge=2)
+    prompts_per_step: int = Field(8, ge=1)
+    max_steps: int = Field(400, ge=1)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate: 10 warm-up steps, then cosine decay to 0")
+    rewards: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(name="exact_match"), RewardTerm(name="partial_credit", weight=0.5)], min_length=1
+    )
+    kl_beta: float = Field(0.02, ge=0, description="weight of the k3 KL estimate to the reference in the loss")
+    scale_rewards: bool = Field(
+        False, description="divide advantages by the group's reward std (GRPO); false: Dr. GRPO's r - mean, which learned more on the demo"
+    )
+    dynamic_sampling: bool = Field(True, description="replace groups whose rewards are all equal with fresh prompts (DAPO)")
+    max_resample_rounds: int = Field(3, ge=0)
+
+
+ALIGN_METHODS_AVAILABLE = ("dpo", "ppo", "grpo")
 
 
 class AlignConfig(Section):
@@ -373,6 +457,8 @@ class AlignConfig(Section):
         None, description="what alignment targets; evaluate reports the other tasks' change against sft as the alignment tax"
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    ppo: PpoConfig = Field(default_factory=PpoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
 
     @field_validator("methods")
     @classmethod

@@ -2,11 +2,14 @@
 
     loss, predictions = completion_scores(model, examples, pad_id)   # examples from ChatFormat.encode_rows
     rewards = score_ids(reward_model, [prompt_ids + reply_ids, ...], pad_id, max_length)
+    pairwise_metrics(reward_model, pair_ids(chat.split_replies(rows)), rows, pad_id, max_length, prefix="eval_")
 
 SFT (loss before/after), distillation (student vs teacher, argmax agreement), quantization (loss
 change, agreement with the source) and evaluation all measure with `completion_scores`, so their
 figures are comparable: mean cross-entropy per completion token, prompt tokens excluded by the
-loss mask. `score_ids` is the reward model's score of token sequences (reward, evaluate).
+loss mask. `score_ids` is the reward model's score of token sequences (reward, evaluate), and
+`pairwise_metrics` its held-out pairwise accuracy (the reward stage, and the report on the
+preference benchmarks).
 """
 
 from __future__ import annotations
@@ -56,3 +59,25 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, max_length: int) -
         scores.append(logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores)
+
+
+def pair_ids(parts: list[dict]) -> list[dict]:
+    """Per pair the token ids RewardTrainer scores, from ChatFormat.split_replies: prompt + chosen
+    reply and prompt + rejected reply (each reply ends with its end-of-turn token)."""
+    return [{"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]} for p in parts]
+
+
+def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:
+    """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
+    chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
+    rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
+    wins = (chosen > rejected).float()
+    metrics = {
+        f"{prefix}accuracy": round(wins.mean().item(), 4),
+        f"{prefix}margin": round((chosen - rejected).mean().item(), 4),
+    }
+    skills = sorted({row["skill"] for row in rows if isinstance(row.get("skill"), str)})
+    for skill in skills:
+        mask = torch.tensor([row.get("skill") == skill for row in rows])
+        metrics[f"{prefix}accuracy_{skill}"] = round(wins[mask].mean().item(), 4)
+    return metrics

@@ -20,6 +20,7 @@ Tags, params and dataset sources name store folders relative to the store root.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -217,6 +218,10 @@ class PipelineTracking:
         if builder:
             tags[f"{TAG}built_by_run"] = builder
         tags["mlflow.note.content"] = self._description(stage, relative_path, upstream, builder)
+        hacking = artifact.manifest.get("reward_hacking")
+        if isinstance(hacking, dict):  # the gate refuses a model with this flag in its lineage
+            tags[f"{TAG}reward_hacking"] = str(bool(hacking.get("flag"))).lower()
+            tags[f"{TAG}reward_hacking.detail"] = json.dumps(hacking)
 
         client = mlflow.MlflowClient()
         now = time.time()
@@ -238,6 +243,14 @@ class PipelineTracking:
         loss_file = artifact.path / "loss_history.json"
         if loss_file.is_file():
             metrics += [Metric("train_loss", p["loss"], stamp, p["step"]) for p in json.loads(loss_file.read_text())]
+        history_file = artifact.path / "history.json"  # RL stages: one entry per step, a series per figure
+        if history_file.is_file():
+            metrics += [
+                Metric(key, float(value), stamp, entry["step"])
+                for entry in json.loads(history_file.read_text())
+                for key, value in entry.items()
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
+            ]
         for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[start : start + 900])
         client.log_artifact(run_id, str(artifact.path / "manifest.json"))

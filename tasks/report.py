@@ -28,7 +28,7 @@ def reward_model_accuracy(reward_dir: Path, bench_dir: Path, tasks: dict) -> dic
     """Pairwise accuracy of the reward model on each preference task's scored pairs."""
     from posttrain.formatting import ChatFormat
     from posttrain.models import load_reward_model, load_tokenizer
-    from tasks.reward import pair_ids, pairwise_metrics
+    from posttrain.scoring import pair_ids, pairwise_metrics
 
     accuracy = {}
     names = [name for name, spec in tasks.items() if spec.get("kind") == "preference"]

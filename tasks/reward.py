@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
@@ -26,32 +25,10 @@ from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
-from posttrain.scoring import score_ids
+from posttrain.scoring import pair_ids, pairwise_metrics
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
-
-
-def pair_ids(parts: list[dict]) -> list[dict]:
-    """Per pair the token ids RewardTrainer scores, from ChatFormat.split_replies: prompt + chosen
-    reply and prompt + rejected reply (each reply ends with its end-of-turn token)."""
-    return [{"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]} for p in parts]
-
-
-def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:
-    """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
-    chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
-    rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
-    wins = (chosen > rejected).float()
-    metrics = {
-        f"{prefix}accuracy": round(wins.mean().item(), 4),
-        f"{prefix}margin": round((chosen - rejected).mean().item(), 4),
-    }
-    skills = sorted({row["skill"] for row in rows if isinstance(row.get("skill"), str)})
-    for skill in skills:
-        mask = torch.tensor([row.get("skill") == skill for row in rows])
-        metrics[f"{prefix}accuracy_{skill}"] = round(wins[mask].mean().item(), 4)
-    return metrics
 
 
 def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:

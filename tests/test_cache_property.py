@@ -56,7 +56,11 @@ def tiny_overrides(source: Path) -> list[str]:
         f"{{path: {source}, format: instruction}}, "
         "{role: preference, generate: {rows: 120}}, {role: prompt, generate: {rows: 30}}]",
         "sft.max_steps=2", "sft.batch_size=8", "sft.eval_rows=8", "reward.max_steps=2", "reward.batch_size=4",
-        "align.dpo.max_steps=2", "align.dpo.batch_size=4", "distill.max_steps=2", "distill.batch_size=8",
+        "align.dpo.max_steps=2", "align.dpo.batch_size=4", "align.dpo.replay_weight=0.5",
+        "align.ppo.max_steps=1", "align.ppo.prompts_per_step=4", "align.grpo.max_steps=1", "align.grpo.prompts_per_step=2", "align.grpo.group_size=2",
+        # a learned term too, so GRPO's reward-model branch (and its reward input) is taken and observed
+        "align.grpo.rewards=[{name: exact_match}, {name: reward_model, weight: 0.1}]",
+        "distill.max_steps=2", "distill.batch_size=8",
         "quantize.eval_rows=8", "quantize.methods=[nf4]", "benchmarks.items=2", "benchmarks.calibration_items=2",
         "evaluate.max_new_tokens=4", "evaluate.samples=2", "evaluate.sample_items=4", "evaluate.ks=[1, 2]", "evaluate.loss_rows=8",
     ]
@@ -107,10 +111,11 @@ class World:
                 files.add("source")
             self.used[step.name] = {"modules": seen.modules, "files": files, "libraries": seen.libraries}
 
-    def expected(self, outcome: dict, touched: set[str]) -> set[str]:
-        """Stages the edit touches, plus every stage whose input digests differ in this re-run."""
+    def expected(self, cfg, outcome: dict, touched: set[str]) -> set[str]:
+        """Stages the edit touches, plus every stage whose input digests differ in this re-run
+        (`cfg`: the edited config, whose plan may name stages the finished run did not have)."""
         expected = set()
-        for step in plan(self.cfg):
+        for step in plan(cfg):
             changed_input = outcome[step.name]["inputs"] != self.baseline[step.name]["inputs"] if step.name in self.baseline else True
             if step.name in touched or changed_input:
                 expected.add(step.name)
@@ -163,7 +168,7 @@ def build_edits(world: World) -> list[tuple[str, callable]]:
     for override in (
         "seed=1", "model.tiny.intermediate_size=128", "benchmarks.items=3", "data.eval_fraction=0.2",
         "data.near_dup.threshold=0.7", "data.max_tokens=64", "sft.lr=1e-3", "sft.max_length=64", "reward.lr=5e-4",
-        "align.dpo.beta=0.3", "distill.temperature=1.0", "distill.teacher=base", "quantize.eval_rows=4",
+        "align.dpo.beta=0.3", "align.ppo.kl_beta=0.1", "align.grpo.temperature=0.8", "distill.temperature=1.0", "distill.teacher=base", "quantize.eval_rows=4",
         "quantize.methods=[int8]", "evaluate.max_new_tokens=5", "evaluate.temperature=0.7", "align.target_skills=[sort]",
         "data.batch_rows=50", "sft.launcher.kind=subprocess", "runtime.threads=2", "tracking.log_models=false",
     ):
@@ -239,7 +244,7 @@ def check_shard(tmp: Path, shard: int, shards: int) -> dict:
         finally:
             revert()
         rebuilt = {stage for stage, info in outcome.items() if info["built"]}
-        expected = world.expected(outcome, touched)
+        expected = world.expected(cfg, outcome, touched)
         if label.startswith("library: "):
             distribution = label.removeprefix("library: ")
             expected |= {stage for stage, extra in allowed_extra.items() if distribution in extra} & rebuilt

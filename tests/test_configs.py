@@ -34,7 +34,9 @@ def test_qwen_config_loads_a_model_id_with_lora():
     [
         ("sft.lrr=1", "sft.lrr: unknown key"),
         ("sft.lr=abc", "sft.lr: Input should be a valid number"),
-        ("align.methods=[dpo, ppo]", "align.methods: method 'ppo' is not implemented; available: dpo"),
+        ("align.methods=[dpo, rlhf]", "align.methods: method 'rlhf' is not implemented; available: dpo, ppo, grpo"),
+        ("align.methods=[dpo, dpo]", "align.methods: a method is listed twice"),
+        ("align.grpo.group_size=1", "align.grpo.group_size: Input should be greater than or equal to 2"),
         ("sft.method=dora", "sft.method: Input should be 'full', 'lora' or 'qlora'"),
         ("data.sources=[]", "data.sources: List should have at least 1 item"),
         ("sft.max_steps=0", "sft.max_steps: Input should be greater than or equal to 1"),

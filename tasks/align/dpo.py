@@ -8,6 +8,14 @@ reference; `data` — a data artifact whose `preference/{train,eval}.jsonl` rows
 `{"prompt", "chosen", "rejected"}`. DPO takes no reward model: retraining the reward stage never
 changes this stage's result.
 
+Options: `loss_type` sigmoid (DPO) or ipo (IPO's squared loss); `reference` precompute (score every
+pair once with the frozen SFT model) or model (a reference forward per step), auto picks; `pairs`
+data (the preference rows: generated "plausible wrong" answers on the demo) or on_policy — the SFT
+model's own wrong samples on the prompt rows (`prompt/train.jsonl`, which carry the answer) against
+the correct answer, so DPO pushes down exactly the mistakes this model makes. Two NLL terms keep
+what SFT taught: `sft_weight` on the chosen answers (RPO) and `replay_weight` on replayed SFT rows
+of every skill.
+
 Output: the aligned causal LM (safetensors + tokenizer). Figures: TRL's last logged
 `rewards/accuracies` and `rewards/margins` on the training batches, and our own held-out measure on
 `preference/eval.jsonl`: the implicit reward β·(log π(y|x) − log π_ref(y|x)), summed over completion
@@ -28,12 +36,14 @@ from trl import DPOTrainer
 from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import DpoConfig
-from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch
-from posttrain.jsonl import read_preference_pairs
+from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, parse_completion
+from posttrain.jsonl import read_instruction_rows, read_jsonl, read_preference_pairs
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
+from tasks.align.rollout import Replay, sample, sampled_kl
 
 SCORE_BATCH = 64  # sequences per forward when scoring; inference only
+KL_PROMPTS = 256  # held-out prompts the final KL to the reference is estimated on
 DATA_FILES = ("data_contracts/dpo_tokenized.json",)  # the tokenized contract this stage runs before training
 
 
@@ -71,12 +81,42 @@ def pair_logps(model, parts: list[dict], pad_id: int, max_length: int) -> tuple[
 
 class EncodedDPOTrainer(DPOTrainer):
     """DPOTrainer on pairs posttrain.formatting already encoded (`prompt_ids`, `chosen_ids`,
-    `rejected_ids`): TRL would render them again and, for text that is not a chat, append EOS."""
+    `rejected_ids`): TRL would render them again and, for text that is not a chat, append EOS.
+    With a `replay` (tasks/align/rollout.Replay), each training step adds its NLL on SFT rows."""
+
+    replay = None
+    replay_weight = 0.0
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # What TRL's own preparation does after tokenizing (keep_start truncation): a prompt that
         # fills max_length leaves no reply token to learn from.
         return dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.replay is None or not model.training:
+            return result
+        extra = self.replay_weight * self.replay.nll(model)
+        return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+
+def on_policy_pairs(model, chat: ChatFormat, rows: list[dict], samples: int, temperature: float, seed: int) -> list[dict]:
+    """Pairs from the model's own mistakes: for each prompt row, its distinct wrong sampled answers
+    (at most two) as `rejected` against the row's correct `answer` as `chosen`. Rows the model
+    always gets right give no pair."""
+    torch.manual_seed(seed)
+    pairs = []
+    for start in range(0, len(rows), SCORE_BATCH):
+        chunk = rows[start : start + SCORE_BATCH]
+        rollout = sample(model, chat, chunk, samples, temperature, max_new_tokens=32)
+        for index, row in enumerate(chunk):
+            wrong = []
+            for reply in rollout.replies[index * samples : (index + 1) * samples]:
+                answer = parse_completion(reply)
+                if answer and answer != row["answer"].strip() and answer not in wrong:
+                    wrong.append(answer)
+            pairs += [{**{k: v for k, v in row.items() if k != "answer"}, "chosen": row["answer"], "rejected": answer} for answer in wrong[:2]]
+    return pairs
 
 
 def win_rate(difference: torch.Tensor) -> float:
@@ -106,17 +146,27 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     out_dir = Path(out_dir)
     seed = config.seed if config.seed is not None else 0  # the flow fills in the pipeline's seed
     data_dir = Path(inputs["data"].path)
-    train_rows = read_preference_pairs(data_dir / "preference" / "train.jsonl")
     eval_rows = read_preference_pairs(data_dir / "preference" / "eval.jsonl")
-
     sft_dir = Path(inputs["sft"].path)
     tokenizer = load_tokenizer(sft_dir)
+    set_seed(seed)
+    if config.pairs == "on_policy":
+        prompt_file = data_dir / "prompt" / "train.jsonl"
+        prompt_rows = [row for row in read_jsonl(prompt_file) if isinstance(row.get("answer"), str)] if prompt_file.is_file() else []
+        if not prompt_rows:
+            raise ValueError(f"{prompt_file}: align.dpo.pairs on_policy needs prompt rows with an `answer`")
+        sampler = load_causal_lm(sft_dir, dtype="float32")
+        train_rows = on_policy_pairs(sampler, ChatFormat(tokenizer), prompt_rows, config.on_policy_samples, config.on_policy_temperature, seed)
+        del sampler
+        if not train_rows:
+            raise ValueError(f"{prompt_file}: the SFT model answered every prompt row right in every sample; no on-policy pair to learn from")
+    else:
+        train_rows = read_preference_pairs(data_dir / "preference" / "train.jsonl")
     # Encoded once with the chat template; the tokenized contract checks these ids before the first
     # step (DPO truncates at max_length), and the trainer gets them as they are.
     records = {"train": train_rows, "eval": eval_rows}
     parts = {split: ChatFormat(tokenizer).split_replies(rows) for split, rows in records.items()}
     contract = check_preference_rows("dpo", records, parts, config.max_length, out_dir, overlong="truncated")
-    set_seed(seed)
     # fp32 weights: on a GPU the trainer's bf16 autocast still gives the speed; optimizer state stays exact.
     policy = load_causal_lm(sft_dir, dtype="float32")
 
@@ -125,7 +175,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     # per step (measured: 0.038 vs 0.055 s/step at batch 32) and needs no second model in memory.
     # Otherwise the reference is loaded explicitly from the same folder: left to itself, DPOTrainer
     # rebuilds it from config._name_or_path, which fails for a model built from a config (FIELD_NOTES).
-    precompute = config.max_steps * config.batch_size >= len(train_rows)
+    precompute = config.max_steps * config.batch_size >= len(train_rows) if config.reference == "auto" else config.reference == "precompute"
     reference = None if precompute else load_causal_lm(sft_dir, dtype="float32").requires_grad_(False)
 
     # Before any step the policy *is* the reference: its log-probs are the reference's on the eval pairs.
@@ -146,7 +196,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         beta=config.beta,
         # RPO: DPO alone lowers the likelihood of the chosen answers too and, on the demo, erased skills
         # SFT had taught; TRL's "sft" loss adds the chosen answers' NLL with this weight.
-        loss_type=["sigmoid", "sft"] if config.sft_weight > 0 else ["sigmoid"],
+        loss_type=[config.loss_type, "sft"] if config.sft_weight > 0 else [config.loss_type],
         loss_weights=[1.0, config.sft_weight] if config.sft_weight > 0 else None,
         precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=max(SCORE_BATCH, config.batch_size),
@@ -161,10 +211,16 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         processing_class=tokenizer,
         callbacks=[progress],
     )
+    if config.replay_weight > 0:
+        trainer.replay = Replay(ChatFormat(tokenizer), read_instruction_rows(data_dir / "instruction" / "train.jsonl"), config.replay_rows, config.max_length, seed)
+        trainer.replay_weight = config.replay_weight
     quiet(trainer)
     trainer.train()
 
     eval_policy = pair_logps(trainer.model, parts["eval"], tokenizer.pad_token_id, config.max_length)
+    reference_model = reference if reference is not None else load_causal_lm(sft_dir, dtype="float32")
+    torch.manual_seed(seed)
+    final_kl = sampled_kl(trainer.model, reference_model.eval(), ChatFormat(tokenizer), eval_rows[:KL_PROMPTS], max_new_tokens=32)
     after = held_out_metrics(eval_reference, eval_policy, config.beta, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)
@@ -178,7 +234,9 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         **before,  # implicit reward before training: 0.5 accuracy, 0 margin by construction (the chance line)
         **after,
         "eval_chosen_logp_change": round(after["eval_chosen_logp"] - before["eval_before_chosen_logp"], 4),
+        "final_kl": round(final_kl, 5),
         "train_pairs": len(trainer.train_dataset),
+        "on_policy_pairs": int(config.pairs == "on_policy"),
         "eval_pairs": len(eval_rows),
         "parameters": count_parameters(trainer.model),
         "contract_expectations_passed": contract["passed"],

@@ -16,10 +16,10 @@ import pytest
 from posttrain.runs import find_run, list_runs
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ["base", "sft", "align-dpo", "student", "quantize-nf4", "quantize-int8"]
+MODELS = ["base", "sft", "align-dpo", "align-ppo", "align-grpo", "student", "quantize-nf4", "quantize-int8"]
 STAGES = [
-    "base", "benchmarks", "data", "sft", "reward", "align-dpo", "distill",
-    "evaluate-base", "evaluate-sft", "evaluate-align-dpo", "evaluate-student",
+    "base", "benchmarks", "data", "sft", "reward", "align-dpo", "align-ppo", "align-grpo", "distill",
+    "evaluate-base", "evaluate-sft", "evaluate-align-dpo", "evaluate-align-ppo", "evaluate-align-grpo", "evaluate-student",
     "quantize", "evaluate-quantize-nf4", "evaluate-quantize-int8", "report",
 ]
 
@@ -83,6 +83,13 @@ def test_mlflow_has_parent_and_one_child_per_stage(first_run, root):
     assert sft.data.tags["posttrain.upstream.data"] == by_stage["data"].info.run_id
     assert sft.data.tags["posttrain.cache_hit"] == "false"
     assert sft.inputs.dataset_inputs, "sft logs the dataset it trained on"
+    # RL stages log a series per figure (one point per step), the curves, and the hacking verdict.
+    ppo = by_stage["align-ppo"]
+    assert [m.step for m in client.get_metric_history(ppo.info.run_id, "kl")] == [1, 2, 3]
+    assert {"gold_reward", "proxy_reward", "clip_fraction", "explained_variance", "generation_seconds"} <= set(ppo.data.metrics)
+    assert "curves.png" in {item.path for item in client.list_artifacts(ppo.info.run_id)}
+    assert ppo.data.tags["posttrain.reward_hacking"] == "false"
+    assert "zero_variance_fraction" in by_stage["align-grpo"].data.metrics
     dpo_tags = by_stage["align-dpo"].data.tags
     assert "posttrain.upstream.reward" not in dpo_tags  # DPO does not depend on the reward model
     assert "manifest.json" in {item.path for item in client.list_artifacts(sft.info.run_id)}
@@ -126,10 +133,20 @@ def test_reward_change_leaves_dpo_cached(first_run, root):
     assert result.returncode == 0, result.stderr[-3000:]
     states = {stage: info["state"] for stage, info in record(root)["stages"].items()}
     assert states["reward"] == "built"
-    assert states["align-dpo"] == "cached"
+    assert states["align-dpo"] == "cached" and states["align-grpo"] == "cached"  # neither reads the reward model
+    assert states["align-ppo"] == "built"  # PPO's reward and critic come from it
     assert states["sft"] == "cached"
     # The reward model ranks best-of-N samples and scores replies: every evaluation reads it.
     assert states["evaluate-sft"] == "built" and states["quantize"] == "cached"
+
+
+def test_one_align_method_change_leaves_the_other_branches_cached(first_run, root):
+    result = posttrain(root, "--set", "align.grpo.temperature=0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = {stage: info["state"] for stage, info in record(root)["stages"].items()}
+    assert (states["align-grpo"], states["evaluate-align-grpo"], states["report"]) == ("built", "built", "built")
+    for stage in ("align-dpo", "align-ppo", "evaluate-align-dpo", "evaluate-align-ppo", "evaluate-sft", "distill", "quantize"):
+        assert states[stage] == "cached", stage
 
 
 def test_deleted_artifact_is_rebuilt_despite_prefect_cache(first_run, root):

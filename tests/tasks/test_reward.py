@@ -11,6 +11,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_jsonl, write_jsonl
+from posttrain.scoring import pair_ids, pairwise_metrics
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def test_reward_model_ranks_heldout_pairs_and_saves_what_it_measured(tiny_base, 
     assert model.config.pad_token_id == tokenizer.pad_token_id
     # The saved folder is the model that was measured: rescoring it reproduces the reported accuracy.
     eval_rows = read_jsonl(max_skill_data.path / "preference" / "eval.jsonl")
-    pairs = tasks.reward.pair_ids(ChatFormat(tokenizer).split_replies(eval_rows))
-    rescored = tasks.reward.pairwise_metrics(model, pairs, eval_rows, tokenizer.pad_token_id, config.max_length, prefix="")
+    pairs = pair_ids(ChatFormat(tokenizer).split_replies(eval_rows))
+    rescored = pairwise_metrics(model, pairs, eval_rows, tokenizer.pad_token_id, config.max_length, prefix="")
     assert rescored["accuracy"] == metrics["eval_accuracy"]
 
 
