@@ -8,6 +8,7 @@ for each seed and each method of `align.methods`:
   - the method as configured;
   - the same method with its NLL terms off (DPO: `sft_weight` and `replay_weight` 0; PPO and GRPO:
     `replay_weight` 0) — what the RL or preference signal does on its own;
+  - for DPO with on-policy pairs, the same DPO on the data's generated "plausible wrong" pairs;
   - the control: continued SFT of the same SFT model on the targeted prompts' correct answers, with
     the same replay of SFT rows the method gets, for the same wall time the method took. SFT sits on
     the steep part of its learning curve, so a gain any extra SFT would give is not the method's.
@@ -150,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(REPO / args.config)
-    root = Path(cfg.store_root)
+    root = (REPO / cfg.store_root).resolve()  # relative to the repository, as the CLI run from it
     store = Store(root)
     upstream = build_upstream(cfg, store)
     work = root / "align-study"
@@ -164,6 +165,8 @@ def main() -> None:
         for method in methods:
             section = getattr(cfg.align, method).model_copy(update={"seed": seed})
             variants = {method: section, f"{method} (NLL off)": section.model_copy(update=NLL_OFF[method])}
+            if method == "dpo" and section.pairs == "on_policy":  # on-policy pairs against the data's generated ones
+                variants["dpo (generated pairs)"] = section.model_copy(update={"pairs": "data"})
             for label, variant in variants.items():
                 key = f"{label} / seed {seed}"
                 if key not in results:
@@ -185,7 +188,7 @@ def main() -> None:
     header = f"{'variant':<22} {'targeted %':>20} {'Δ vs SFT':>20} {'worst other Δ':>20} {'overall %':>20} {'final KL':>18} {'seconds':>8}"
     print(header)
     for method in methods:
-        for label in (method, f"{method} (NLL off)", f"control for {method}"):
+        for label in (method, f"{method} (NLL off)", *(["dpo (generated pairs)"] if method == "dpo" else []), f"control for {method}"):
             rows = [results[f"{label} / seed {seed}"] for seed in args.seeds if f"{label} / seed {seed}" in results]
             if not rows:
                 continue

@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(REPO / args.config)
-    upstream = build_upstream(cfg, Store(Path(cfg.store_root)))
+    upstream = build_upstream(cfg, Store((REPO / cfg.store_root).resolve()))
     scratch = Path(tempfile.mkdtemp(prefix="posttrain-rl-step-"))
     rows = []
     for method in ("ppo", "grpo"):

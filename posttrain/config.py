@@ -324,9 +324,11 @@ class SftConfig(Section):
         "full", description="qlora: LoRA on a 4-bit NF4 copy of the base (bitsandbytes; needs a CUDA GPU), merged into the full-precision base"
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    max_steps: int = Field(2500, ge=1)
-    batch_size: int = Field(64, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(2500, ge=1, description="optimizer steps; ignored when `epochs` is given")
+    epochs: float | None = Field(None, gt=0, description="passes over the training rows; the steps follow from the data size and the global batch")
+    batch_size: int = Field(64, ge=1, description="rows per device per forward (the micro-batch)")
+    global_batch: int | None = Field(None, ge=1, description="rows per optimizer step; gradient accumulation = global_batch / (batch_size x devices)")
+    grad_accum: int = Field(1, ge=1, description="used when global_batch is not given")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = 0.0
@@ -334,6 +336,14 @@ class SftConfig(Section):
     train_on: Literal["all", "last"] = Field("all", description="assistant turns the loss covers in a multi-turn chat")
     eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
     launcher: LauncherConfig = launcher_field()
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "SftConfig":
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("give epochs or max_steps, not both")
+        if "global_batch" in self.model_fields_set and "grad_accum" in self.model_fields_set:
+            raise ValueError("give global_batch or grad_accum, not both (global_batch derives it)")
+        return self
 
 
 class RewardConfig(Section):

@@ -98,27 +98,46 @@ class Throughput:
 
 
 class ProgressCallback(TrainerCallback):
-    """Prints step, loss and tokens/s every few seconds; collects the figures for the manifest."""
+    """Prints step, loss and tokens/s every few seconds; collects the figures for the manifest and,
+    at every logging step, the loss, learning rate, gradient norm, tokens/s and peak memory (for
+    MLflow's per-step series)."""
 
     def __init__(self, stage: str, print_every: float = 10.0):
         self.stage = stage
         self.print_every = print_every
         self.meter: Throughput | None = None
         self.loss_history: list[tuple[int, float]] = []
+        self.history: list[dict] = []
+        self._last = (0, 0.0)  # (tokens seen, perf_counter) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.meter = Throughput(self.stage, state.max_steps, self.print_every)
+        self._last = (0, time.perf_counter())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss_history.append((state.global_step, float(logs["loss"])))
             self.meter.update(state.global_step, int(state.num_input_tokens_seen), float(logs["loss"]))
+            now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)
+            entry = {"step": state.global_step, "tokens_per_second": (tokens - self._last[0]) / max(now - self._last[1], 1e-9), "peak_memory_mb": peak_memory_mb()}
+            for key in ("learning_rate", "grad_norm"):
+                if isinstance(logs.get(key), (int, float)):
+                    entry[key] = float(logs[key])
+            self.history.append(entry)
+            self._last = (tokens, now)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.meter.update(state.global_step, int(state.num_input_tokens_seen))
 
     def summary(self) -> dict:
         return self.meter.summary() if self.meter else {}
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch on a GPU; the process's peak resident memory otherwise."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(peak_rss_mb(), 1)
 
 
 def quiet(trainer) -> None:
@@ -138,9 +157,27 @@ def last_logged(log_history: list[dict], key: str) -> float | None:
     return None
 
 
-def write_loss_history(out_dir: Path, history: list[tuple[int, float]]) -> None:
-    """Per-step losses go in a file (and from there to MLflow as a metric series)."""
-    (Path(out_dir) / "loss_history.json").write_text(json.dumps([{"step": s, "loss": l} for s, l in history]))
+def write_loss_history(out_dir: Path, history: list[tuple[int, float]], details: list[dict] | None = None) -> None:
+    """Per-step losses in loss_history.json and a loss-curve PNG; with `details` (ProgressCallback's
+    history: learning rate, gradient norm, tokens/s, peak memory per logging step) history.json too.
+    The flow logs each as an MLflow metric series."""
+    out_dir = Path(out_dir)
+    (out_dir / "loss_history.json").write_text(json.dumps([{"step": step, "loss": loss} for step, loss in history]))
+    if details:
+        (out_dir / "history.json").write_text(json.dumps(details))
+    if len(history) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.0, 3.2))
+    axis.plot([step for step, _ in history], [loss for _, loss in history])
+    axis.set(xlabel="step", ylabel="training loss", title=f"{out_dir.name}: training loss")
+    figure.tight_layout()
+    figure.savefig(out_dir / "loss_curve.png", dpi=110)
+    plt.close(figure)
 
 
 def remove_scratch(out_dir: Path) -> None:

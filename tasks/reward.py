@@ -85,7 +85,7 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
 
     after = pairwise_metrics(trainer.model, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history)
+    write_loss_history(out_dir, progress.loss_history, progress.history)
     remove_scratch(out_dir)
 
     metrics = {

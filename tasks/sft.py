@@ -3,8 +3,10 @@
     run(SftConfig(max_steps=2500), {"base": base, "data": data}, out_dir)
     python -m tasks.sft --config sft.json --inputs inputs.json --out DIR     # own process / accelerate
 
-Full fine-tuning by default; `method: lora` trains a peft LoRA adapter and merges it into the
-weights before saving, so every later stage receives a plain model folder whatever the method.
+Full fine-tuning by default; `method: lora` trains a peft LoRA adapter (on every linear layer by
+default, `lora.target_modules: all-linear`) and merges it into the weights before saving, so every
+later stage receives a plain model folder whatever the method; the adapter itself is kept beside
+it in `adapter/` (peft's format), for serving it on the base or stacking it elsewhere.
 `method: qlora` trains the same adapter on a 4-bit NF4 copy of the base (bitsandbytes, double
 quantization, bf16 compute where the GPU has it) and merges it into the full-precision base, as the
 QLoRA recipe does: the 4-bit copy only saves memory while training. It needs a CUDA GPU (the
@@ -18,6 +20,7 @@ encodings go to SFTTrainer as `input_ids` + `labels`, so TRL trains on exactly w
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from datasets import Dataset
@@ -80,6 +83,34 @@ def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
     return full.merge_and_unload()
 
 
+def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int]:
+    """(optimizer steps, gradient accumulation) from the config and the data: accumulation from the
+    global batch (`global_batch / (batch_size x devices)`), steps from `epochs` over the rows."""
+    per_step = config.batch_size * devices
+    if config.global_batch is not None:
+        if config.global_batch % per_step:
+            raise ValueError(f"sft.global_batch {config.global_batch} is not a multiple of sft.batch_size x devices = {per_step}")
+        accumulation = config.global_batch // per_step
+    else:
+        accumulation = config.grad_accum
+    if config.epochs is None:
+        return config.max_steps, accumulation
+    return max(1, math.ceil(config.epochs * train_rows / (per_step * accumulation))), accumulation
+
+
+def save_adapter(peft_model, folder: Path, base: Artifact) -> None:
+    """The LoRA adapter alone (adapter_config.json + adapter_model.safetensors). peft records the
+    base's folder as an absolute path; the store holds none, so it names the base artifact by its
+    path relative to the store root instead (the manifest's inputs say the same)."""
+    import json
+
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    config_file = folder / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = base.manifest.get("path", Path(base.path).name)
+    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
 def completion_loss(model, tokenizer, encoded: list[dict]) -> float:
     """Mean cross-entropy per trained (assistant) token on held-out rows: the stage's own quality figure."""
     return completion_scores(model, encoded, tokenizer.pad_token_id)[0]
@@ -104,11 +135,13 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     train_dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded["train"]])
 
     eval_loss_before = completion_loss(model, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
+    devices = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch / torchrun set it
+    steps, accumulation = training_schedule(config, len(train_dataset), devices)
     args = SFTConfig(
         **trainer_defaults(out_dir, seed),
-        max_steps=config.max_steps,
+        max_steps=steps,
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.lr,
         lr_scheduler_type="cosine",
         warmup_steps=config.warmup_steps,
@@ -132,13 +165,15 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     trainer.train()
 
     trained = trainer.model
+    if config.method in ("lora", "qlora"):
+        save_adapter(trained, out_dir / "adapter", inputs["base"])
     if config.method == "lora":
         trained = trained.merge_and_unload()  # downstream stages get a plain model folder
     elif config.method == "qlora":
         trained = merge_into_full_precision(trained, base_dir, config)
     eval_loss_after = completion_loss(trained, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     save_pretrained(trained, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history)
+    write_loss_history(out_dir, progress.loss_history, progress.history)
     remove_scratch(out_dir)
 
     metrics = {
@@ -146,6 +181,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "parameters": count_parameters(trained),
         "trainable_parameters": trainable,
         "train_rows": len(records["train"]),
+        "gradient_accumulation": accumulation,
+        "global_batch": config.batch_size * devices * accumulation,
         "train_tokens_trained_on": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded["train"]),
         "eval_loss_before": round(eval_loss_before, 5),
         "eval_loss": round(eval_loss_after, 5),

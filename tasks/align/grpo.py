@@ -152,7 +152,7 @@ def run(config: GrpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
             "zero_variance_fraction": float((~groups_drawn).float().mean()),
             "resample_rounds": rounds - 1,
             "groups_trained": sum(len(part.rows) // group for part, _ in kept),
-            "replay_nll": float(replay_nll),
+            "replay_nll": float(replay_nll.detach()),
             "response_length": tokens / max(sum(len(part.rows) for part, _ in kept), 1),
             "generation_seconds": generation_seconds,
             "train_seconds": time.perf_counter() - update_started,

@@ -216,7 +216,7 @@ def run(config: PpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
                 policy_optimizer.step()
                 critic_optimizer.step()
                 for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_fraction", clip_fraction), ("entropy", entropy_mean), ("replay_nll", replay_nll)):
-                    figures[key].append(float(value))
+                    figures[key].append(float(value.detach()) if isinstance(value, torch.Tensor) else float(value))
         for schedule in schedules:
             schedule.step()
         mean_kl = float(kl.mean())

@@ -1,6 +1,8 @@
 """SFT trains: held-out completion loss falls; LoRA trains only adapters and saves a merged model;
 QLoRA refuses the CPU and merges its adapter into the full-precision base."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,6 +20,14 @@ def test_full_sft_lowers_heldout_loss_and_saves_hf_folder(tiny_base, tiny_data, 
     assert metrics["trainable_parameters"] == metrics["parameters"]
     assert (tmp_path / "model.safetensors").is_file()
     assert not (tmp_path / "_trainer").exists()
+    # Per logging step (every 10 steps): learning rate, gradient norm, tokens/s and peak memory, and a loss curve.
+    import json
+
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [entry["step"] for entry in history] == [10, 20, 30, 40]
+    assert all({"learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"} <= set(entry) for entry in history)
+    assert history[-1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
     AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)
 
 
@@ -30,6 +40,19 @@ def test_lora_trains_adapters_only_and_merges(tiny_base, tiny_data, tmp_path):
     assert not (tmp_path / "adapter_config.json").exists()  # merged: a plain model folder
     merged = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    # The adapter is kept beside it, on every linear layer, and base + adapter = the merged model.
+    import json
+
+    from peft import PeftModel
+
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} == linear  # all-linear, resolved
+    assert not Path(adapter_config["base_model_name_or_path"]).is_absolute()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base.path, use_safetensors=True)
+    stacked = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(stacked(ids).logits, merged(ids).logits, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine qlora trains instead (bench/gpu_check.sh)")
@@ -59,3 +82,23 @@ def test_qlora_merge_puts_the_adapter_into_a_full_precision_base(tiny_base):
         assert not any("lora" in name for name, _ in merged.named_parameters())
         assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
         assert not torch.allclose(base(ids).logits, expected, atol=1e-2)  # the adapter did change the model
+
+
+def test_steps_follow_from_epochs_and_accumulation_from_the_global_batch(tiny_base, tiny_data, tmp_path):
+    from tasks.sft import training_schedule
+
+    # 540 rows, 2 epochs, a global batch of 32 from micro-batches of 8 on one device: 4 accumulated
+    # micro-batches per step, ceil(2 * 540 / 32) = 34 steps; on two devices, 2 micro-batches each.
+    config = SftConfig(epochs=2, batch_size=8, global_batch=32)
+    assert training_schedule(config, 540, devices=1) == (34, 4)
+    assert training_schedule(config, 540, devices=2) == (34, 2)
+    assert training_schedule(SftConfig(max_steps=7, grad_accum=3), 540, devices=1) == (7, 3)
+    with pytest.raises(ValueError, match="not a multiple of sft.batch_size x devices = 24"):
+        training_schedule(SftConfig(epochs=1, batch_size=8, global_batch=32), 540, devices=3)
+    with pytest.raises(ValueError, match="give epochs or max_steps, not both"):
+        SftConfig(epochs=1, max_steps=5)
+
+    artifact = tasks.sft.run(SftConfig(epochs=0.5, batch_size=8, global_batch=16, seed=0, eval_rows=16), {"base": tiny_base, "data": tiny_data}, tmp_path)
+    rows = artifact.metrics["train_rows"]
+    assert artifact.metrics["train_steps"] == -(-rows // 32) and artifact.metrics["gradient_accumulation"] == 2
+    assert artifact.metrics["global_batch"] == 16
