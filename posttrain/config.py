@@ -333,17 +333,14 @@ class SftConfig(Section):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = 0.0
     max_length: int = Field(96, ge=8)
+    batching: Literal["padded", "padding_free", "packed"] = Field(
+        "padded",
+        description="padded: rows padded to the longest in the batch; padding_free: a batch's rows laid end to end, "
+        "positions restarting per row, no attention across rows; packed: rows packed best-fit into max_length bins, then padding-free",
+    )
     train_on: Literal["all", "last"] = Field("all", description="assistant turns the loss covers in a multi-turn chat")
     eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
     launcher: LauncherConfig = launcher_field()
-
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "SftConfig":
-        if self.epochs is not None and "max_steps" in self.model_fields_set:
-            raise ValueError("give epochs or max_steps, not both")
-        if "global_batch" in self.model_fields_set and "grad_accum" in self.model_fields_set:
-            raise ValueError("give global_batch or grad_accum, not both (global_batch derives it)")
-        return self
 
 
 class RewardConfig(Section):

@@ -174,7 +174,7 @@ def write_loss_history(out_dir: Path, history: list[tuple[int, float]], details:
 
     figure, axis = plt.subplots(figsize=(5.0, 3.2))
     axis.plot([step for step, _ in history], [loss for _, loss in history])
-    axis.set(xlabel="step", ylabel="training loss", title=f"{out_dir.name}: training loss")
+    axis.set(xlabel="step", ylabel="training loss", title="training loss")  # no folder name: a staging name would change the bytes
     figure.tight_layout()
     figure.savefig(out_dir / "loss_curve.png", dpi=110)
     plt.close(figure)

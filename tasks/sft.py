@@ -11,6 +11,11 @@ it in `adapter/` (peft's format), for serving it on the base or stacking it else
 quantization, bf16 compute where the GPU has it) and merges it into the full-precision base, as the
 QLoRA recipe does: the 4-bit copy only saves memory while training. It needs a CUDA GPU (the
 bitsandbytes CPU build has no 4-bit backward; bench/gpu_check.sh ran it on an H200).
+`batching`: padded (each batch padded to its longest row), padding_free (a batch's rows laid end
+to end, positions restarting per row, no attention across rows), or packed (rows packed into
+max_length bins by best fit, each bin a row with restarting positions); the loss on the same
+tokens is the same either way
+(tests/tasks/test_sft.py), and the useful tokens/s differ (bench/sft.py).
 Rows are rendered with the base model's chat template (posttrain.formatting.ChatFormat); a
 multi-turn chat keeps its turns and system prompt, and the loss is on the assistant replies with
 their end-of-turn tokens — every reply by default, the last only with `train_on: last`. The
@@ -83,6 +88,45 @@ def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
     return full.merge_and_unload()
 
 
+class PackedRowsCollator:
+    """A batch of packed bins, each bin its own row: right-padded to the longest bin, position ids
+    restarting at every row it holds (and again in the padding), no attention mask — transformers
+    builds a block-diagonal causal mask from the positions, so nothing attends across rows. TRL's
+    own padding-free collator lays the whole batch end to end instead, which on an attention
+    without variable-length kernels (SDPA on the CPU) costs the square of the whole batch's length."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, bins: list[dict]) -> dict:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in bins)
+        input_ids = torch.full((len(bins), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        for row, packed in enumerate(bins):
+            length = len(packed["input_ids"])
+            input_ids[row, :length] = torch.tensor(packed["input_ids"])
+            labels[row, :length] = torch.tensor(packed["labels"])
+            position_ids[row] = torch.cat([torch.arange(n) for n in [*packed["seq_lengths"], width - length] if n])
+            starts = torch.tensor([0, *packed["seq_lengths"]]).cumsum(0)[:-1]
+            labels[row, starts] = IGNORE_INDEX  # a row's first token is never predicted from the row before it
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+class PlainLossSFTTrainer(SFTTrainer):
+    """SFTTrainer with transformers' plain causal-LM loss. TRL's own computes the loss through a fused
+    head that also yields per-token entropy and top-1 accuracy every step, for its logs; posttrain
+    reads neither, and on the CPU that path cost a third of the step (bench/sft.py)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from transformers import Trainer
+
+        inputs["use_cache"] = False  # as TRL does; a cache would also hide packed rows from the mask
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
 def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int]:
     """(optimizer steps, gradient accumulation) from the config and the data: accumulation from the
     global batch (`global_batch / (batch_size x devices)`), steps from `epochs` over the rows."""
@@ -133,6 +177,13 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     encoded = {split: chat.encode_rows(rows, config.max_length, train_on=config.train_on) for split, rows in records.items()}
     contract = check_instruction_rows("sft", records, encoded, out_dir, overlong="truncated")
     train_dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded["train"]])
+    if config.batching == "packed":
+        # Best-fit-decreasing bins of max_length tokens; rows keep their boundaries (`seq_lengths`),
+        # so positions restart and attention stays inside each row. Packed here, not by the trainer,
+        # so the steps of `epochs` count bins.
+        from trl import pack_dataset
+
+        train_dataset = pack_dataset(train_dataset, config.max_length, strategy="bfd")
 
     eval_loss_before = completion_loss(model, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     devices = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch / torchrun set it
@@ -148,16 +199,22 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         weight_decay=config.weight_decay,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        max_length=config.max_length,
-        packing=False,  # packing was slower on CPU (FIELD_NOTES)
+        # The rows are already cut at max_length (ChatFormat); TRL refuses a max_length it would not enforce.
+        max_length=config.max_length if config.batching == "padded" else None,
+        packing=False,  # packed above when asked
+        # Padding-free: a batch becomes one row with position ids restarting per sequence, which
+        # transformers turns into a block-diagonal causal mask (no attention across sequences).
+        # Packed bins go through PackedRowsCollator, one bin per row.
+        padding_free=config.batching == "padding_free",
     )
     progress = ProgressCallback("sft")
-    trainer = SFTTrainer(
+    trainer = PlainLossSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=_lora_config(config) if config.method in ("lora", "qlora") else None,
+        data_collator=PackedRowsCollator(tokenizer.pad_token_id) if config.batching == "packed" else None,
         callbacks=[progress],
     )
     quiet(trainer)
@@ -181,6 +238,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "parameters": count_parameters(trained),
         "trainable_parameters": trainable,
         "train_rows": len(records["train"]),
+        "train_sequences": len(train_dataset),  # bins when packed
         "gradient_accumulation": accumulation,
         "global_batch": config.batch_size * devices * accumulation,
         "train_tokens_trained_on": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded["train"]),

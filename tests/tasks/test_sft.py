@@ -95,10 +95,58 @@ def test_steps_follow_from_epochs_and_accumulation_from_the_global_batch(tiny_ba
     assert training_schedule(SftConfig(max_steps=7, grad_accum=3), 540, devices=1) == (7, 3)
     with pytest.raises(ValueError, match="not a multiple of sft.batch_size x devices = 24"):
         training_schedule(SftConfig(epochs=1, batch_size=8, global_batch=32), 540, devices=3)
-    with pytest.raises(ValueError, match="give epochs or max_steps, not both"):
-        SftConfig(epochs=1, max_steps=5)
+    assert training_schedule(SftConfig(epochs=1, max_steps=5, batch_size=8, global_batch=8, grad_accum=4), 540, 1) == (68, 1)  # epochs and global_batch win
 
     artifact = tasks.sft.run(SftConfig(epochs=0.5, batch_size=8, global_batch=16, seed=0, eval_rows=16), {"base": tiny_base, "data": tiny_data}, tmp_path)
     rows = artifact.metrics["train_rows"]
     assert artifact.metrics["train_steps"] == -(-rows // 32) and artifact.metrics["gradient_accumulation"] == 2
     assert artifact.metrics["global_batch"] == 16
+
+
+def test_the_loss_on_the_same_tokens_is_the_same_padded_padding_free_or_packed(tiny_base, tiny_data):
+    """The same encoded rows padded, padding-free (TRL's collator) and packed into bins
+    (PackedRowsCollator); transformers turns the restarting position ids into a block-diagonal
+    mask, so no row attends to another."""
+    from trl import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from posttrain.formatting import ChatFormat
+    from posttrain.jsonl import read_instruction_rows
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_base.path)
+    rows = read_instruction_rows(tiny_data.path / "instruction" / "train.jsonl")[:24]
+    encoded = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in ChatFormat(tokenizer).encode_rows(rows, 96)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path, use_safetensors=True).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a model that is not uniform, so attention across rows would show
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+
+    def loss(batch) -> float:
+        # use_cache=False, as SFTTrainer passes: with a cache, transformers does not look for packed rows.
+        with torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}, use_cache=False).loss.item()
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(encoded)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(encoded)
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    from datasets import Dataset
+
+    bins = list(pack_dataset(Dataset.from_list(encoded), 96, strategy="bfd"))
+    packed = tasks.sft.PackedRowsCollator(tokenizer.pad_token_id)(bins)
+    assert len(bins) < len(encoded) and packed["input_ids"].shape[0] == len(bins)
+    assert loss(flat) == pytest.approx(loss(padded), abs=1e-4)
+    assert loss(packed) == pytest.approx(loss(padded), abs=1e-4)
+    # Without the restarting positions the rows would see each other: a different loss.
+    crossing = {"input_ids": flat["input_ids"], "labels": flat["labels"]}
+    assert abs(loss(crossing) - loss(padded)) > 1e-3
+
+
+@pytest.mark.parametrize("batching", ["padding_free", "packed"])
+def test_padding_free_and_packed_sft_train(tiny_base, tiny_data, tmp_path, batching):
+    artifact = tasks.sft.run(SftConfig(max_steps=30, batch_size=8, seed=0, eval_rows=64, batching=batching), {"base": tiny_base, "data": tiny_data}, tmp_path)
+    metrics = artifact.metrics
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5
+    if batching == "packed":
+        assert metrics["train_sequences"] < metrics["train_rows"] / 3  # short rows: several per 96-token bin
