@@ -43,10 +43,11 @@ from posttrain.runner import execute_stage  # noqa: E402
 NLL_OFF = {"dpo": {"sft_weight": 0.0, "replay_weight": 0.0}, "ppo": {"replay_weight": 0.0}, "grpo": {"replay_weight": 0.0}}
 
 
-def build_upstream(cfg, store: Store) -> dict[str, Artifact]:
+def build_upstream(cfg, store: Store, stages: tuple[str, ...] = ("base", "benchmarks", "data", "sft", "reward")) -> dict[str, Artifact]:
+    """The named stages of the config's plan, through the runner (cached in `store`)."""
     artifacts = {}
     for step in plan(cfg):
-        if step.name in ("base", "benchmarks", "data", "sft", "reward"):
+        if step.name in stages:
             inputs = {name: artifacts[source] for name, source in step.inputs.items()}
             artifacts[step.name] = execute_stage(step.name, step.module, step.section, inputs, store, cfg.seed, None, cfg.runtime.threads).artifact
     return artifacts
@@ -61,7 +62,7 @@ def score(model_dir: Path, benchmarks: Artifact, out_dir: Path) -> dict[str, flo
     return {task: row["exact_match"] for task, row in results.items() if "exact_match" in row and task != "mean"}
 
 
-def run_method(method: str, section, upstream: dict[str, Artifact], out_dir: Path) -> tuple[float, dict]:
+def run_method(method: str, section, upstream: dict[str, Artifact], out_dir: Path) -> tuple[float, dict, dict]:
     import importlib
 
     module = importlib.import_module(f"tasks.align.{method}")
@@ -71,7 +72,7 @@ def run_method(method: str, section, upstream: dict[str, Artifact], out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     artifact = module.run(section, inputs, out_dir)
-    return time.perf_counter() - started, artifact.metrics
+    return time.perf_counter() - started, artifact.metrics, artifact.manifest
 
 
 def continued_sft(upstream: dict[str, Artifact], seconds: float, seed: int, replay_weight: float, out_dir: Path, lr: float = 1e-3, batch_rows: int = 32) -> dict:
@@ -171,7 +172,7 @@ def main() -> None:
                 key = f"{label} / seed {seed}"
                 if key not in results:
                     folder = work / f"{label.replace(' ', '-').replace('(', '').replace(')', '')}-seed{seed}"
-                    seconds, metrics = run_method(method, variant, upstream, folder)
+                    seconds, metrics, _ = run_method(method, variant, upstream, folder)
                     results[key] = {"seconds": round(seconds, 1), "final_kl": metrics.get("final_kl"), "scores": score(folder, upstream["benchmarks"], folder / "eval")}
                     results_file.write_text(json.dumps(results, indent=1))
                 print(f"{key}: {results[key]['seconds']} s", flush=True)

@@ -13,7 +13,6 @@ the one-off sampling of the pairs. Prints one table; the first step of each run 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -41,8 +40,8 @@ def main() -> None:
     rows = []
     for method in ("ppo", "grpo"):
         section = getattr(cfg.align, method).model_copy(update={"max_steps": args.steps})
-        seconds, _ = run_method(method, section, upstream, scratch / method)
-        history = json.loads((scratch / method / "history.json").read_text())[1:]
+        seconds, _, manifest = run_method(method, section, upstream, scratch / method)
+        history = manifest["history"][1:]
         generation = sum(h["generation_seconds"] for h in history) / len(history)
         training = sum(h["train_seconds"] for h in history) / len(history)
         tokens = sum(h["generated_tokens_per_second"] for h in history) / len(history)
@@ -50,7 +49,7 @@ def main() -> None:
         rows.append((method, sequences, generation, training, tokens, seconds))
     section = cfg.align.dpo.model_copy(update={"max_steps": args.steps})
     started = time.perf_counter()
-    _, metrics = run_method("dpo", section, upstream, scratch / "dpo")
+    _, metrics, _ = run_method("dpo", section, upstream, scratch / "dpo")
     rows.append(("dpo", section.batch_size, 0.0, metrics["seconds_per_step"], 0.0, time.perf_counter() - started))
 
     print(f"config {args.config}, {args.steps} steps per method, 1 torch thread; the first step left out")

@@ -126,6 +126,16 @@ def curve(items: list[dict], ks: list[int], method: str) -> dict[int, float]:
     return accuracy
 
 
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default); (nan, nan) for no trials."""
+    if total == 0:
+        return math.nan, math.nan
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)  # clamped: float error at p = 0 or 1
+
+
 def win_rate(scores: list[float], against: list[float]) -> float:
     """Fraction of items where `scores` beats `against`, ties counting half."""
     if not scores:

@@ -243,14 +243,13 @@ class PipelineTracking:
         loss_file = artifact.path / "loss_history.json"
         if loss_file.is_file():
             metrics += [Metric("train_loss", p["loss"], stamp, p["step"]) for p in json.loads(loss_file.read_text())]
-        history_file = artifact.path / "history.json"  # RL stages: one entry per step, a series per figure
-        if history_file.is_file():
-            metrics += [
-                Metric(key, float(value), stamp, entry["step"])
-                for entry in json.loads(history_file.read_text())
-                for key, value in entry.items()
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
-            ]
+        # The manifest's per-step history (training and RL stages): a series per figure.
+        metrics += [
+            Metric(key, float(value), stamp, entry["step"])
+            for entry in artifact.manifest.get("history") or []
+            for key, value in entry.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ]
         for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[start : start + 900])
         client.log_artifact(run_id, str(artifact.path / "manifest.json"))

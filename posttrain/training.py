@@ -157,15 +157,14 @@ def last_logged(log_history: list[dict], key: str) -> float | None:
     return None
 
 
-def write_loss_history(out_dir: Path, history: list[tuple[int, float]], details: list[dict] | None = None) -> None:
-    """Per-step losses in loss_history.json and a loss-curve PNG; with `details` (ProgressCallback's
-    history: learning rate, gradient norm, tokens/s, peak memory per logging step) history.json too.
-    The flow logs each as an MLflow metric series."""
+def write_loss_history(out_dir: Path, history: list[tuple[int, float]]) -> None:
+    """Per-step losses in loss_history.json and a loss-curve PNG (the flow logs the losses as an MLflow
+    series). Figures that depend on the clock — tokens/s, memory — go in the manifest's `history`
+    (ProgressCallback.history), never in a file: a file's bytes are the artifact's digest, and a
+    rebuild must give the same digest."""
     out_dir = Path(out_dir)
     (out_dir / "loss_history.json").write_text(json.dumps([{"step": step, "loss": loss} for step, loss in history]))
-    if details:
-        (out_dir / "history.json").write_text(json.dumps(details))
-    if len(history) < 2:
+    if not history:
         return
     import matplotlib
 

@@ -11,12 +11,20 @@ Output: a `AutoModelForSequenceClassification` folder (safetensors + tokenizer) 
 the prompt and the answer, rendered with the model's chat template (the answer ending with its
 end-of-turn token; posttrain.formatting.ChatFormat), scores the answer. The figure that matters is
 held-out pairwise accuracy — the fraction of eval pairs where chosen scores above rejected — measured
-here, by our own code, before and after training, so the gain over the untrained head is visible.
+here, by our own code, before and after training, so the gain over the untrained head is visible,
+with its 95 % Wilson interval. Beside it: how well the Bradley–Terry probability
+P(chosen > rejected) = σ(r_chosen − r_rejected) is calibrated (ECE over 10 bins), and margins.png,
+the histogram of held-out margins with the reliability of that probability.
+
+`method: lora` trains a LoRA adapter on the body (peft, task SEQ_CLS, so the score head trains
+fully) and merges it before saving.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 
 from data_contracts import check_preference_rows
@@ -25,10 +33,58 @@ from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
-from posttrain.scoring import pair_ids, pairwise_metrics
+from posttrain.scoring import pair_ids, pairwise_metrics, score_ids
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
+
+
+def _lora_config(config: RewardConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules, task_type="SEQ_CLS")
+
+
+def held_out_margins(model, pairs: list[dict], pad_id: int, max_length: int) -> torch.Tensor:
+    """r(chosen) − r(rejected) for each held-out pair."""
+    chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
+    rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
+    return chosen - rejected
+
+
+def margin_figures(margins: torch.Tensor, png: Path) -> dict:
+    """The accuracy's 95 % Wilson interval, the ECE of σ(margin) as P(chosen > rejected), and a PNG:
+    the margin histogram beside the reliability diagram of that probability."""
+    from posttrain.metrics import expected_calibration_error, reliability_bins, wilson_interval
+
+    probability = torch.sigmoid(margins).tolist()
+    # The favoured reply's probability is the confidence; it is right when the favoured reply is the chosen one.
+    confidence = [max(p, 1 - p) for p in probability]
+    correct = [p > 0.5 for p in probability]
+    low, high = wilson_interval(sum(correct), len(correct))
+    figures = {
+        "eval_ci95_low": round(low, 4),
+        "eval_ci95_high": round(high, 4),
+        "eval_preference_ece": round(expected_calibration_error(confidence, correct, 10), 4),
+        "eval_margin_median": round(float(margins.median()), 4),
+    }
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (histogram, reliability) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    histogram.hist(margins.tolist(), bins=40, color="tab:blue")
+    histogram.axvline(0, color="grey", linestyle=":")
+    histogram.set(xlabel="r(chosen) − r(rejected)", ylabel="held-out pairs", title="reward margins")
+    rows = [row for row in reliability_bins(confidence, correct, 10) if row["count"]]
+    reliability.plot([0.5, 1], [0.5, 1], color="grey", linestyle=":")
+    reliability.plot([row["confidence"] for row in rows], [row["accuracy"] for row in rows], "o-")
+    reliability.set(xlim=(0.5, 1), ylim=(0, 1), xlabel="σ(margin) of the favoured reply", ylabel="fraction right", title=f"calibration (ECE {figures['eval_preference_ece']:.3f})")
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+    return figures
 
 
 def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
@@ -75,7 +131,8 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     )
     progress = ProgressCallback("reward")
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[progress]
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[progress],
+        peft_config=_lora_config(config) if config.method == "lora" else None,
     )
     quiet(trainer)
     kept = len(trainer.train_dataset)
@@ -83,9 +140,12 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         raise ValueError(f"every preference pair is longer than reward.max_length={config.max_length} tokens")
     trainer.train()
 
-    after = pairwise_metrics(trainer.model, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_")
-    save_pretrained(trainer.model, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history, progress.history)
+    trained = trainer.model.merge_and_unload() if config.method == "lora" else trainer.model
+    after = pairwise_metrics(trained, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_")
+    margins = held_out_margins(trained, pairs["eval"], tokenizer.pad_token_id, config.max_length)
+    calibration = margin_figures(margins, out_dir / "margins.png")
+    save_pretrained(trained, tokenizer, out_dir)
+    write_loss_history(out_dir, progress.loss_history)
     remove_scratch(out_dir)
 
     metrics = {
@@ -93,17 +153,18 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         **before,
         **after,
         "eval_accuracy_gain": round(after["eval_accuracy"] - before["eval_before_accuracy"], 4),
+        **calibration,
         "train_pairs": kept,
         "train_pairs_dropped_too_long": len(train_rows) - kept,
         "eval_pairs": len(eval_rows),
-        "parameters": count_parameters(trainer.model),
+        "parameters": count_parameters(trained),
         "contract_expectations_passed": contract["passed"],
     }
     for key in ("accuracy", "margin"):
         value = last_logged(trainer.state.log_history, key)
         if value is not None:
             metrics[f"train_{key}"] = round(value, 4)
-    return Artifact.draft(out_dir, metrics=metrics)
+    return Artifact.draft(out_dir, metrics=metrics, history=progress.history)
 
 
 if __name__ == "__main__":

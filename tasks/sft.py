@@ -189,7 +189,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     devices = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch / torchrun set it
     steps, accumulation = training_schedule(config, len(train_dataset), devices)
     args = SFTConfig(
-        **trainer_defaults(out_dir, seed),
+        # A few log points even for short runs (the loss curve and the MLflow series need them).
+        **{**trainer_defaults(out_dir, seed), "logging_steps": max(1, min(10, steps // 10))},
         max_steps=steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=accumulation,
@@ -230,7 +231,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         trained = merge_into_full_precision(trained, base_dir, config)
     eval_loss_after = completion_loss(trained, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     save_pretrained(trained, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history, progress.history)
+    write_loss_history(out_dir, progress.loss_history)
     remove_scratch(out_dir)
 
     metrics = {
@@ -246,7 +247,9 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "eval_loss": round(eval_loss_after, 5),
         "contract_expectations_passed": contract["passed"],
     }
-    return Artifact.draft(out_dir, metrics, method=config.method, chat_template=chat.describe(record_messages(records["train"][0])))
+    return Artifact.draft(
+        out_dir, metrics, method=config.method, chat_template=chat.describe(record_messages(records["train"][0])), history=progress.history
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ PACKAGES = ("posttrain", "tasks", "flows", "data_contracts")
 # source, the datasketch dedup backend, a `datasets` folder, LoRA/QLoRA): the key includes them
 # because the source does; the run never imports them. For these the test asserts "rebuilt", the
 # safe direction, instead of "not rebuilt".
-UNTAKEN_BRANCH_IMPORTS = {"data": {"datasets", "datasketch", "ijson", "pyarrow"}, "sft": {"peft", "bitsandbytes"}}
+UNTAKEN_BRANCH_IMPORTS = {"data": {"datasets", "datasketch", "ijson", "pyarrow"}, "sft": {"peft", "bitsandbytes"}, "reward": {"peft"}}
 SHARDS = 2
 LIBRARIES = (
     "torch", "transformers", "trl", "tokenizers", "safetensors", "accelerate", "numpy", "pandas", "pyarrow",

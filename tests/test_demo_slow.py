@@ -42,7 +42,7 @@ def test_full_demo_sft_beats_base_by_30_points_and_reruns_from_cache(tmp_path):
         targeted = sum(row[task]["exact_match"] for task in TARGETED) / 2
         assert targeted >= sum(sft[task]["exact_match"] for task in TARGETED) / 2 + 0.05, (method, row)
         for task in OTHERS:
-            assert row[task]["exact_match"] >= sft[task]["exact_match"] - 0.03, (method, task)
+            assert row[task]["exact_match"] >= sft[task]["exact_match"] - 0.03 - 1e-9, (method, task)
         assert row["mean"]["exact_match"] >= sft["mean"]["exact_match"], method
         stage = record["stages"][method]
         assert stage["metrics"]["final_kl"] > 0, method

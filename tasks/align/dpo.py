@@ -223,7 +223,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     final_kl = sampled_kl(trainer.model, reference_model.eval(), ChatFormat(tokenizer), eval_rows[:KL_PROMPTS], max_new_tokens=32)
     after = held_out_metrics(eval_reference, eval_policy, config.beta, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history, progress.history)
+    write_loss_history(out_dir, progress.loss_history)
     remove_scratch(out_dir)
 
     summary = progress.summary()
@@ -245,7 +245,7 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         value = last_logged(trainer.state.log_history, logged)
         if value is not None:
             metrics[name] = round(value, 4)
-    return Artifact.draft(out_dir, metrics=metrics)
+    return Artifact.draft(out_dir, metrics=metrics, history=progress.history)
 
 
 if __name__ == "__main__":

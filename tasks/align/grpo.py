@@ -20,7 +20,7 @@ One step (DeepSeekMath's GRPO with DAPO's dynamic sampling and token-level loss)
   5. loss, averaged over every reply token of the batch: −A·π/π_sg (one update per rollout, so the
      ratio is 1 and this is the policy gradient) + β·k3-KL to the SFT model, plus the NLL term on
      replayed SFT rows (`replay_weight`); gradient clipping.
-Output: the aligned causal LM, history.json, curves.png, the final KL and the reward-hacking verdict.
+Output: the aligned causal LM, curves.png, the per-step history (manifest), the final KL and the reward-hacking verdict.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows, read_jsonl
 from posttrain.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from tasks.align.rewards import check_names
-from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_history
+from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_curves
 from tasks.align.rollout import (
     PromptSampler,
     Replay,
@@ -162,10 +162,10 @@ def run(config: GrpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
         print_progress("grpo", step, config.max_steps, entry, started)
 
     save_pretrained(policy, tokenizer, out_dir)
-    write_history(out_dir, history, "grpo")
+    write_curves(out_dir, history, "grpo")
     metrics = summary_metrics(history, policy, started)
     metrics["zero_variance_fraction"] = round(sum(h["zero_variance_fraction"] for h in history) / len(history), 4)
-    return Artifact.draft(out_dir, metrics, reward_hacking=hacking_verdict(history, config))
+    return Artifact.draft(out_dir, metrics, reward_hacking=hacking_verdict(history, config), history=history)
 
 
 if __name__ == "__main__":

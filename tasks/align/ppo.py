@@ -19,11 +19,11 @@ One step:
   4. learning — `ppo_epochs` passes over the batch in `minibatches`: the clipped policy objective,
      the clipped value loss, an optional entropy bonus, and an NLL term on replayed SFT rows of
      every skill (`replay_weight`), with gradient clipping on each model;
-  5. the KL controller's update, and one line of figures in history.json (an MLflow series each).
+  5. the KL controller's update, and one entry of figures in the manifest's history (an MLflow series each).
 
 The pure pieces — `gae`, `whiten` (rollout.masked_whiten), `policy_loss`, `value_loss`,
 `kl_penalty_rewards`, `AdaptiveKL` — are unit-tested with hand-computed numbers
-(tests/tasks/test_ppo.py). Output: the aligned causal LM, history.json, curves.png, and in the
+(tests/tasks/test_ppo.py). Output: the aligned causal LM, curves.png, the per-step history (manifest), and in the
 manifest the final KL to the reference and the reward-hacking verdict (tasks/align/hacking.py).
 """
 
@@ -41,7 +41,7 @@ from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows, read_jsonl
 from posttrain.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from tasks.align.rewards import check_names
-from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_history
+from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_curves
 from tasks.align.rollout import (
     PromptSampler,
     Replay,
@@ -240,8 +240,8 @@ def run(config: PpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         print_progress("ppo", step, config.max_steps, entry, started)
 
     save_pretrained(policy, tokenizer, out_dir)
-    write_history(out_dir, history, "ppo")
-    return Artifact.draft(out_dir, summary_metrics(history, policy, started), reward_hacking=hacking_verdict(history, config))
+    write_curves(out_dir, history, "ppo")
+    return Artifact.draft(out_dir, summary_metrics(history, policy, started), reward_hacking=hacking_verdict(history, config), history=history)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 reward-hacking verdict and the curves.
 
     scores = score_rollout(rollout, config.rewards, config.gold, reward_model, pad_id)
-    write_history(out_dir, history, "ppo")          # history.json + curves.png
+    write_curves(out_dir, history, "ppo")           # curves.png; the history itself goes in the manifest
     Artifact.draft(out_dir, summary_metrics(history, policy, started), reward_hacking=hacking_verdict(history, config))
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -83,10 +82,10 @@ def print_progress(method: str, step: int, total: int, entry: dict, started: flo
     )
 
 
-def write_history(out_dir: Path, history: list[dict], title: str) -> None:
-    """history.json (one entry per step; the flow logs each key as an MLflow metric series) and
-    curves.png: proxy reward, gold reward and KL to the reference per step."""
-    (Path(out_dir) / "history.json").write_text(json.dumps(history))
+def write_curves(out_dir: Path, history: list[dict], title: str) -> None:
+    """curves.png: proxy reward, gold reward and KL to the reference per step. The per-step history
+    itself (seconds and tokens/s among its figures) goes in the manifest, not in a file, so the
+    artifact's bytes are the same on a rebuild; the flow logs each figure as an MLflow series."""
     if not history:
         return
     import matplotlib

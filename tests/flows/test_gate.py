@@ -90,12 +90,22 @@ def test_the_gate_promotes_better_keeps_worse_refuses_flagged_and_records_why(ro
     # completion loss than the model itself.
     # (quantize.source candidate: the named candidate is quantized; the student is too narrow for NF4.)
     other = "align-dpo" if best != "align-dpo" else "sft"
-    lossy = run(root, other, "--set", "gate.primary_metric=completion_loss", "--set", "gate.quantized_budget=0", "--set", "quantize.source=candidate")
+    # (tracking.log_models false: the new variants are registered as references to their store folders.)
+    lossy = run(
+        root, other, "--set", "gate.primary_metric=completion_loss", "--set", "gate.quantized_budget=0", "--set", "quantize.source=candidate",
+        "--set", "tracking.log_models=false",
+    )
     nf4, source = (lossy["results"][m]["mean"]["completion_loss"] for m in ("quantize-nf4", other))
     assert nf4 > source
     assert lossy["gate"]["decision"] == "kept champion"
     assert lossy["gate"]["reason"] == f"its quantized variant drops {nf4 - source:.4f} (budget 0.0000)"
     assert champion(root).version == version.version
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (reference,) = client.search_model_versions(f"name = 'smoke' and tags.`posttrain.run_id` = '{lossy['run_id']}' and tags.`posttrain.model` = 'quantize-nf4'")
+    assert reference.tags["posttrain.store_path"] == f"{lossy['stages']['quantize']['path']}/nf4"
+    assert client.list_logged_model_artifacts(reference.source.removeprefix("models:/")) == []  # no bytes uploaded
 
     # By hand: recorded as such on the version.
     result = cli("promote", lossy["run_id"], "--model", worst, "--root", str(root), "--reason", "rollback drill")

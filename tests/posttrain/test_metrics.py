@@ -75,3 +75,11 @@ def test_curves_use_the_first_k_samples():
 def test_win_rate_counts_ties_half():
     assert m.win_rate([1.0, 0.0, 0.5], [0.0, 0.0, 1.0]) == pytest.approx((1 + 0.5 + 0) / 3)
     assert math.isnan(m.win_rate([], []))
+
+
+def test_wilson_interval_of_a_known_proportion():
+    from posttrain.metrics import wilson_interval
+
+    low, high = wilson_interval(60, 100)  # p = 0.6: the textbook interval is (0.502, 0.691)
+    assert (round(low, 3), round(high, 3)) == (0.502, 0.691)
+    assert wilson_interval(0, 10)[0] == 0.0 and 0 < wilson_interval(0, 10)[1] < 0.35

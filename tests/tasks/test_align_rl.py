@@ -10,7 +10,6 @@ gold falls, which is exactly what the detector must catch.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -61,10 +60,11 @@ def test_a_reward_that_pays_for_length_raises_the_hacking_flag_in_grpo_and_ppo(f
         assert artifact.metrics["gold_reward_first"] > 0.5  # it started out answering in the format
         assert artifact.metrics["proxy_reward_last"] > artifact.metrics["proxy_reward_first"]
         assert artifact.metrics["final_kl"] > 0  # it trained away from the reference
-        history = json.loads((tmp_path / method / "history.json").read_text())
+        history = artifact.manifest["history"]  # in the manifest: its timings must not change the digest
         assert len(history) == 40 and RL_FIGURES <= set(history[0])
+        assert not (tmp_path / method / "history.json").exists()
         assert (tmp_path / method / "curves.png").stat().st_size > 0
-    ppo_history = json.loads((tmp_path / "ppo" / "history.json").read_text())
+    ppo_history = runs["ppo"].manifest["history"]
     assert {"clip_fraction", "value_loss", "explained_variance", "kl_beta"} <= set(ppo_history[0])
 
 
@@ -72,7 +72,7 @@ def test_training_on_the_gold_reward_itself_is_never_flagged(formatted_sft, uppe
     artifact = grpo.run(GrpoConfig(**settings(prompts_per_step=4, group_size=8, rewards=[{"name": "format"}])), {"sft": formatted_sft, "data": upper_data}, tmp_path)
     verdict = artifact.manifest["reward_hacking"]
     assert verdict["flag"] is False and verdict["proxy_is_gold"] is True
-    history = json.loads((tmp_path / "history.json").read_text())
+    history = artifact.manifest["history"]
     assert all(0.0 <= entry["zero_variance_fraction"] <= 1.0 for entry in history)
     assert all(entry["groups_trained"] <= 4 for entry in history)
     assert load_causal_lm(tmp_path).config.vocab_size == load_causal_lm(formatted_sft.path).config.vocab_size

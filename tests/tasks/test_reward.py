@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tasks.reward
@@ -61,6 +62,21 @@ def test_reward_on_mixed_skills_reports_numeric_metrics(tiny_base, tiny_data, tm
     assert all(isinstance(value, (int, float)) for value in metrics.values())
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "loss_history.json").is_file()
     assert not (tmp_path / "_trainer").exists()
+    # The accuracy's interval brackets it; σ(margin)'s calibration and the margin histogram are kept.
+    assert metrics["eval_ci95_low"] <= metrics["eval_accuracy"] <= metrics["eval_ci95_high"]
+    assert 0 <= metrics["eval_preference_ece"] <= 1 and (tmp_path / "margins.png").stat().st_size > 0
+
+
+def test_lora_reward_model_trains_the_adapter_and_head_and_saves_a_plain_classifier(tiny_base, tiny_data, tmp_path):
+    from posttrain.config import LoraConfig
+
+    config = RewardConfig(method="lora", lora=LoraConfig(r=4, alpha=8), max_steps=10, batch_size=8, lr=5e-3, seed=0)
+    metrics = tasks.reward.run(config, {"init": tiny_base, "data": tiny_data}, tmp_path).metrics
+    assert metrics["train_steps"] == 10
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1, use_safetensors=True)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    base_head = AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=1, use_safetensors=True)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base_head.model.layers[0].self_attn.q_proj.weight)  # merged
 
 
 def test_reward_rejects_bad_rows_with_one_line_error(tiny_base, tmp_path):
