@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.context import get_run_context
 from rich.console import Console
 
-from flows.plan import Step, plan
+from flows.plan import Step, plan, upstream
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import PipelineConfig
 from posttrain.gate import Decision, decide, hacking_flags
@@ -179,7 +179,8 @@ def _record_gate(run: PipelineRun, candidate: str, score: float, champion_score:
 
 
 @flow(name="posttrain", log_prints=False, persist_result=False)
-def pipeline(cfg: PipelineConfig, record_path: str, config_text: str) -> dict:
+def pipeline(cfg: PipelineConfig, record_path: str, config_text: str, until: str | None = None) -> dict:
+    """The whole plan, then the gate; with `until`, only that stage and what it depends on (no gate)."""
     record = RunRecord.load(Path(record_path))
     flow_run_id = str(get_run_context().flow_run.id)
     record.update(prefect_flow_run_id=flow_run_id)
@@ -189,6 +190,13 @@ def pipeline(cfg: PipelineConfig, record_path: str, config_text: str) -> dict:
         record.update(mlflow_parent_run_id=tracking.parent_run_id)
         run = PipelineRun(cfg, record, tracking, flow_run_id)
         try:
+            if until is not None:
+                record.update(until=until)
+                steps = plan(cfg)
+                for step in (step for step in steps if step.name in upstream(steps, until)):
+                    run.stage(step)
+                record.finish("succeeded")
+                return record.data
             for step in plan(cfg):
                 run.stage(step)
             if cfg.quantize.source == "candidate":

@@ -126,3 +126,15 @@ def downstream(steps: list[Step], start: str) -> list[str]:
         if set(step.inputs.values()) & affected:
             affected.add(step.name)
     return [step.name for step in steps if step.name in affected]
+
+
+def upstream(steps: list[Step], stop: str) -> list[str]:
+    """`stop` and every step it depends on, directly or not, in plan order (`posttrain run --until`)."""
+    by_name = {step.name: step for step in steps}
+    needed, pending = set(), [stop]
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(by_name[name].inputs.values())
+    return [step.name for step in steps if step.name in needed]

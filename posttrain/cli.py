@@ -112,6 +112,12 @@ def command_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     cfg.check_outside_paths(str(args.config))
+    if args.until is not None:
+        from flows.plan import plan
+
+        names = [step.name for step in plan(cfg)]
+        if args.until not in names:
+            raise ConfigError(f"--until {args.until}: not a stage of this run (stages: {', '.join(names)})")
     root = Path(cfg.store_root).resolve()
     _prepare_environment(root)
     config_text = Path(args.config).read_text()
@@ -123,12 +129,16 @@ def command_run(args) -> int:
         # bars are off through HF_HUB_DISABLE_PROGRESS_BARS, posttrain.env).
         from flows.pipeline import pipeline
 
-        final = pipeline(cfg, str(record.path), logged_text)
+        final = pipeline(cfg, str(record.path), logged_text, args.until)
     except KeyboardInterrupt:
         errors.print("posttrain: interrupted; finished stages are kept in the store")
         return 130
     except Exception as exc:  # the edge: one line to the terminal, the trace to the log
         logging.getLogger("posttrain").error("run failed\n%s", traceback.format_exc())
+        latest = RunRecord.load(record.path)  # the flow may have written stages since
+        if latest.data.get("status") == "running":  # failed before the flow could say so (e.g. no tracking server)
+            latest.update(error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            latest.finish("failed")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         errors.print(f"[red]error:[/] {first_line}  [dim](trace: {log_path})[/]")
         return 1
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="run the pipeline described by a config file")
     run_parser.add_argument("config")
     run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. sft.lr=1e-4")
+    run_parser.add_argument("--until", metavar="STAGE", help="run only STAGE and the stages it depends on, e.g. --until data (no gate)")
     runs_parser = commands.add_parser("runs", help="list the runs recorded under the store root")
     status_parser = commands.add_parser("status", help="stages, states, cache hits and key metrics of a run")
     status_parser.add_argument("run", nargs="?", help="a run id or a run name (its newest run); default: the newest run")

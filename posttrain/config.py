@@ -108,6 +108,26 @@ class ModelConfig(Section):
             return {"model.name_or_path": OutsideInput("path", self.name_or_path)}
         return {"model.name_or_path": OutsideInput("hub_model", self.name_or_path, self.revision)}
 
+    def check_local_folder(self) -> None:
+        """A local model folder holds what every stage loads: config.json, a tokenizer, and weights
+        as safetensors (a pickle checkpoint is refused here, by name, never opened)."""
+        folder = Path(self.name_or_path).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: not a folder (a model is a folder with config.json, tokenizer and *.safetensors)")
+        names = {path.name for path in folder.iterdir()}
+        if "config.json" not in names:
+            raise ValueError(f"{folder}: no config.json in the model folder")
+        if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"}:
+            raise ValueError(f"{folder}: no tokenizer in the model folder (tokenizer.json, tokenizer.model, vocab.json or vocab.txt)")
+        if not any(name.endswith(".safetensors") for name in names):
+            pickles = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+            if pickles:
+                raise ValueError(
+                    f"{folder}: weights only as a pickle checkpoint ({pickles[0]}), refused unopened: "
+                    "a pickle can run code when loaded; save the model with safetensors"
+                )
+            raise ValueError(f"{folder}: no weights in the model folder (*.safetensors)")
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -578,12 +598,38 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
 
+    @model_validator(mode="after")
+    def _every_stage_has_its_rows(self):
+        """Each stage reads one role of the data stage's output; a role no source gives is found
+        here, not as a missing file after the data stage and SFT have run."""
+        given = {source.role for source in self.data.sources}
+        readers = {
+            "instruction": ["sft", "distill"],
+            "preference": ["reward"] + (["align.dpo (pairs: data)"] if "dpo" in self.align.methods and self.align.dpo.pairs == "data" else []),
+            "prompt": [f"align.{method}" for method in self.align.methods if method in ("ppo", "grpo")]
+            + (["align.dpo (pairs: on_policy)"] if "dpo" in self.align.methods and self.align.dpo.pairs == "on_policy" else []),
+        }
+        formats = {role: [name for name, made in SOURCE_FORMAT_ROLES.items() if made == role] for role in readers}
+        for role, stages in readers.items():
+            if stages and role not in given:
+                raise ValueError(
+                    f"data.sources: no source gives {role} rows, which {', '.join(stages)} read "
+                    f"(add a source with format {' or '.join(formats[role])}, or `generate`)"
+                )
+        return self
+
     def check_outside_paths(self, origin: str = "config") -> None:
         """Every local file or folder a stage will read exists: found now, not after earlier stages ran."""
         for section in (self.model, self.data, self.benchmarks):
             for key, item in section.outside_inputs().items():
                 if item.kind == "path" and not Path(item.name).expanduser().exists():
                     raise ConfigError(f"{origin}: {key}: {item.name}: no such file or folder")
+        model_input = self.model.outside_inputs().get("model.name_or_path")
+        if model_input is not None and model_input.kind == "path":
+            try:
+                self.model.check_local_folder()
+            except ValueError as exc:
+                raise ConfigError(f"{origin}: model.name_or_path: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,6 +19,10 @@ QUIET_OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # A tracking server that is down: MLflow's own defaults (7 retries, backoff factor 2) wait about
+    # four minutes before the first error; 4 retries at factor 1 give a restarting server ~15 s.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     # Progress bars of datasets/transformers would interleave with our own progress lines.
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

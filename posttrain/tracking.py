@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -99,6 +100,10 @@ def home_default_experiment(db_path: Path, store_root: Path) -> None:
         )
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; said in one line."""
+
+
 class PipelineTracking:
     def __init__(self, config: TrackingConfig, store_root: Path, run_id: str, run_name: str, config_text: str, pipeline_params: dict):
         self.config = config
@@ -113,6 +118,22 @@ class PipelineTracking:
         self.model_versions: dict[str, str] = {}  # model name -> registered version, this run
 
     # ------------------------------------------------------------------ parent run
+    def _first_contact(self, mlflow, uri: str):
+        """The experiment, or one line if the server cannot be reached after MLflow's retries
+        (MLFLOW_HTTP_REQUEST_MAX_RETRIES, posttrain.env): checked before any stage is built."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow.get_experiment_by_name(self.config.experiment)
+        except MlflowException as exc:
+            if not uri.startswith(("http://", "https://")):
+                raise
+            reason = next((cause for cause in ("Connection refused", "Name or service not known", "timed out") if cause in str(exc)), str(exc).splitlines()[0][:120])
+            tries = 1 + int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri}: unreachable after {tries} tries ({reason}); start it or set tracking.uri (tracking.enabled: false runs without MLflow)"
+            ) from None
+
     def __enter__(self) -> "PipelineTracking":
         if not self.config.enabled:
             return self
@@ -122,7 +143,7 @@ class PipelineTracking:
         if self.config.uri is None:
             reroot_tracking_db(self.store_root / "mlflow.db", self.store_root, self.config.experiment)
         mlflow.set_tracking_uri(uri)
-        experiment = mlflow.get_experiment_by_name(self.config.experiment)
+        experiment = self._first_contact(mlflow, uri)
         if self.config.uri is None:
             home_default_experiment(self.store_root / "mlflow.db", self.store_root)
         if experiment is None:

@@ -31,6 +31,19 @@ def run(config: ModelConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
         tokenizer = load_tokenizer(config.name_or_path, revision, config.trust_remote_code)
         model = load_causal_lm(config.name_or_path, revision, config.trust_remote_code, config.dtype)
         origin = config.name_or_path if revision is None else f"{config.name_or_path}@{revision}"
+        check_vocabulary(config.name_or_path, tokenizer, model)
     save_pretrained(model, tokenizer, out_dir)
     metrics = {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
     return Artifact.draft(out_dir, metrics, origin=origin, architecture=type(model).__name__)
+
+
+def check_vocabulary(name: str, tokenizer, model) -> None:
+    """A tokenizer with ids past the model's embedding table (another model's tokenizer) would fail
+    in the middle of a later stage with an index error deep inside torch; say so here. Fewer ids
+    than rows is normal (embeddings padded to a multiple of 64 or 128)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{name}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}: "
+            "they are not the same model's (check the folder's tokenizer files)"
+        )

@@ -131,6 +131,10 @@ def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple
     """(optimizer steps, gradient accumulation) from the config and the data: accumulation from the
     global batch (`global_batch / (batch_size x devices)`), steps from `epochs` over the rows."""
     per_step = config.batch_size * devices
+    if per_step > train_rows:
+        # The loader would quietly give every step the same smaller batch than the one configured.
+        unit = "packed sequences" if config.batching == "packed" else "train rows"
+        raise ValueError(f"sft.batch_size {config.batch_size} x {devices} device(s) is more than the data's {train_rows} {unit}; lower sft.batch_size")
     if config.global_batch is not None:
         if config.global_batch % per_step:
             raise ValueError(f"sft.global_batch {config.global_batch} is not a multiple of sft.batch_size x devices = {per_step}")

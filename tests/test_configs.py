@@ -65,3 +65,40 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ("[{role: preference, generate: {rows: 9}}, {role: prompt, generate: {rows: 9}}]", "no source gives instruction rows, which sft, distill read"),
+        ("[{role: instruction, generate: {rows: 9}}, {role: prompt, generate: {rows: 9}}]", "no source gives preference rows, which reward, align.dpo (pairs: data) read"),
+        ("[{role: instruction, generate: {rows: 9}}, {role: preference, generate: {rows: 9}}]", "no source gives prompt rows, which align.ppo read"),
+    ],
+)
+def test_a_role_no_source_gives_is_found_when_the_config_is_read(sources, message):
+    with pytest.raises(ConfigError, match=r"data.sources: " + message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(CONFIGS[0].parent / "demo.yaml", [f"data.sources={sources}", "align.methods=[dpo, ppo]", "align.dpo.pairs=data"])
+
+
+def model_folder(tmp_path: Path, *names: str) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (("tokenizer.json", "model.safetensors"), "no config.json in the model folder"),
+        (("config.json", "model.safetensors"), r"no tokenizer in the model folder \(tokenizer.json, tokenizer.model, vocab.json or vocab.txt\)"),
+        (("config.json", "tokenizer.json"), r"no weights in the model folder \(\*.safetensors\)"),
+        (("config.json", "tokenizer.json", "pytorch_model.bin"), r"weights only as a pickle checkpoint \(pytorch_model.bin\), refused unopened"),
+    ],
+)
+def test_an_incomplete_local_model_folder_is_named_with_what_it_lacks(tmp_path, names, message):
+    folder = model_folder(tmp_path, *names)
+    cfg = load_config(CONFIGS[0].parent / "demo.yaml", [f"model.name_or_path={folder}"])
+    with pytest.raises(ConfigError, match=rf"^demo.yaml: model.name_or_path: {folder}: {message}"):
+        cfg.check_outside_paths("demo.yaml")

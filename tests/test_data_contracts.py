@@ -90,8 +90,8 @@ def test_missing_and_empty_fields_fail(tmp_path):
     splits = {"train": [{"prompt": "copy a", "response": "a"}, {"prompt": "copy b"}, {"prompt": "copy c", "response": ""}]}
     frame = clean_frame(splits, INSTRUCTION, INSTRUCTION)
     assert frame["response_chars"].isna().tolist() == [False, True, False]
-    with pytest.raises(ContractViolation, match=r"^data contract instruction_clean: expect_column_values_to_not_be_null\(response_chars\) failed on 1 of 3 rows \(\+2 more critical"):
-        validate(frame, "instruction_clean", tmp_path)
+    with pytest.raises(ContractViolation, match=r"^data contract instruction_clean: expect_column_values_to_not_be_null\(response_chars\) failed on 1 of 3 rows \(\+3 more critical"):
+        validate(frame, "instruction_clean", tmp_path)  # the 3rd more: no eval split
 
 
 def test_duplicate_key_and_several_failures_name_the_first_and_count_the_rest(tmp_path):
@@ -109,11 +109,17 @@ def test_duplicate_key_and_several_failures_name_the_first_and_count_the_rest(tm
 
 
 def test_warnings_do_not_raise(tmp_path):
-    splits = {"train": [{"prompt": "copy abc", "response": "abc "}]}  # no eval split, trailing space
+    splits = {"train": [{"prompt": "copy abc", "response": "abc "}], "eval": [{"prompt": "copy d", "response": "d"}]}  # a trailing space
     summary = validate(clean_frame(splits, INSTRUCTION, INSTRUCTION), "instruction_clean", tmp_path)
-    assert summary["critical_failed"] == 0 and summary["warnings_failed"] == 2
+    assert summary["critical_failed"] == 0 and summary["warnings_failed"] == 1
     assert summary["failed"]["expect_column_values_to_be_in_set(response_padded)"]["unexpected"] == 1
-    assert summary["passed"] == summary["evaluated"] - 2
+    assert summary["passed"] == summary["evaluated"] - 1
+
+
+def test_an_empty_split_is_critical(tmp_path):
+    splits = {"train": [{"prompt": "copy abc", "response": "abc"}, {"prompt": "copy d", "response": "d"}]}  # no eval rows
+    with pytest.raises(ContractViolation, match=r"^data contract instruction_clean: expect_column_distinct_values_to_contain_set\(split\) failed"):
+        validate(clean_frame(splits, INSTRUCTION, INSTRUCTION), "instruction_clean", tmp_path)
 
 
 def encoded_rows(prompt_tokens: list[int], completion_tokens: list[int], max_length: int) -> list[dict]:

@@ -40,9 +40,30 @@ PRINTABLE = {chr(code) for code in range(32, 127)} | {"\n"}  # the tiny base's c
 
 
 def normalise(text: str) -> str:
+    """The data stage's rule, restated: one line is collapsed and stripped; in several lines an
+    indented line (two spaces or a tab) or a line inside a ``` fence keeps its spacing, other lines
+    are collapsed, every line is right-stripped, and blank lines at the ends go."""
     text = unicodedata.normalize("NFKC", text)
     text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
-    return re.sub(r"[ \t]+", " ", text).strip()
+    lines = [line.rstrip() for line in text.split("\n")]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) <= 1:
+        return re.sub(r"[ \t]+", " ", "".join(lines)).strip()
+    fenced, out = False, []
+    for line in lines:
+        if line.lstrip(" \t").startswith(("```", "~~~")):
+            fenced = not fenced
+            out.append(line)
+        elif fenced or line.startswith(("  ", "\t")) or re.match(r" *\t", line):
+            out.append(line)
+        else:
+            out.append(re.sub(r"[ \t]+", " ", line))
+    if not (out[0].startswith(("  ", "\t")) or re.match(r" *\t", out[0])):
+        out[0] = out[0].lstrip()
+    return "\n".join(out)
 
 
 def char_tokens(prompt: str, completion: str) -> int:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contracts import ContractRun
+from data_contracts import ContractRun, ContractViolation
 from data_contracts.frames import CleanFrameBuilder, dedup_key, key_digest
 from posttrain.artifacts import Artifact
 from posttrain.config import DataConfig
@@ -247,7 +247,19 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
     }
     assert rows_in == rows_out + sum(removals.counts.values()), "every row is either kept or rejected"
     if config.contract_suites:
-        contracts.raise_first_violation()  # after rejected.jsonl and the Data Docs exist, for the post-mortem
+        try:
+            contracts.raise_first_violation()  # after rejected.jsonl and the Data Docs exist, for the post-mortem
+        except ContractViolation as violation:
+            # "row count 0" alone hides the cause: say, for the failed suite's role, which rules
+            # removed how many rows, and where the removed rows are.
+            role = next(s["suite"] for s in summaries if s["violation"]).removesuffix("_clean")
+            removed = sorted(((count, rule) for rule, count in removals.by_role.get(role, {}).items()), reverse=True)
+            causes = ", ".join(f"{rule} {count}" for count, rule in removed) or "none"
+            kept = sum(counts[role].values())
+            raise ContractViolation(
+                f"{violation}; {role} rows: {kept + sum(count for count, _ in removed)} in, {kept} kept, removed by rule: {causes}; "
+                f"the removed rows with their rule: {out_dir / 'rejected.jsonl'}"
+            ) from None
     contract_summary = {
         s["suite"]: {"passed": s["passed"], "evaluated": s["evaluated"], "warnings": sorted(s["failed"])} for s in summaries
     }

@@ -20,9 +20,14 @@ from posttrain.config import DataConfig
 from posttrain.formatting import ChatFormat
 from tasks.data.records import ROLE_FIELDS, Removals, Row
 
-# C0 controls except \t (collapsed below) and \n (kept), DEL, and C1 controls.
+# Terminal escape sequences, removed whole (removing only the ESC byte would leave "[31m" behind):
+# CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ST), and the two-byte escapes.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+# C0 controls except \t and \n, DEL, and C1 controls. A CR goes too, so CRLF becomes LF.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[ \t]*\t[ \t]*| {2,}")  # tabs and runs of spaces; a lone space needs no rewrite
+_INDENT = re.compile(r"(?: {2,}|[ ]*\t)")  # two spaces or a tab: one leading space is a typo, not structure
+_FENCE = re.compile(r"[ \t]*(```|~~~)")
 
 # PII patterns. Phone numbers are the risky kind (maths and dates are full of digit groups), so a
 # candidate counts only with a + country code, an area code in parentheses, or the 3-3-4 layout.
@@ -35,10 +40,33 @@ PII_PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>"}
 
 
 def normalize_text(text: str) -> str:
+    """NFKC, terminal escapes and control characters out, CRLF -> LF, and spacing tidied only where
+    that is safe. One line of text: runs of spaces and tabs collapsed, stripped. Several lines:
+    indentation is meaning (code, nested lists), so a line indented by two spaces or a tab keeps its
+    leading whitespace and its inner spacing, as does every line inside a ``` fence; other lines get
+    their runs collapsed; every line loses trailing whitespace; blank lines at both ends go."""
     if not text.isascii():  # NFKC leaves ASCII as it is
         text = unicodedata.normalize("NFKC", text)  # full-width forms, ligatures, NBSP -> plain
+    if "\x1b" in text:
+        text = _ANSI_ESCAPE.sub("", text)
     text = _CONTROL.sub("", text)
-    return _SPACES.sub(" ", text).strip()
+    if "\n" in text:
+        text = text.strip("\n")  # blank lines at both ends, so "    x\n" counts as one line
+        while "\n" in text and not text[: text.index("\n")].strip():
+            text = text[text.index("\n") + 1 :]
+    if "\n" not in text:
+        return _SPACES.sub(" ", text).strip()
+    lines, in_fence = [], False
+    for line in text.rstrip().split("\n"):
+        line = line.rstrip()
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            lines.append(line)
+            continue
+        lines.append(line if in_fence or _INDENT.match(line) else _SPACES.sub(" ", line))
+    if not _INDENT.match(lines[0]):
+        lines[0] = lines[0].lstrip()
+    return "\n".join(lines)
 
 
 def _is_ipv6(candidate: str) -> bool:

@@ -20,6 +20,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,8 +69,17 @@ def source_type(source: SourceConfig) -> str:
     return "hub"  # not a local path: a dataset id
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    # utf-8-sig: a byte-order mark at the start (Windows editors write one) is dropped, not an error.
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else path.open(encoding="utf-8-sig")
+
+
+def _not_utf8(path: str, where: str, data: bytes, exc: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} {where}: byte 0x{data[exc.start]:02x} at column {exc.start + 1} is not UTF-8 (re-encode the file as UTF-8)")
 
 
 def _batched(numbered: Iterator[tuple[int, object]], size: int) -> Iterator[list[tuple[int, object]]]:
@@ -84,7 +94,14 @@ def _batched(numbered: Iterator[tuple[int, object]], size: int) -> Iterator[list
 
 
 def _json_lines(path: str, handle) -> Iterator[tuple[int, object]]:
-    for line_number, line in enumerate(handle, start=1):
+    """`handle` is binary: each line is decoded on its own, so a line that is not UTF-8 is named."""
+    for line_number, data in enumerate(handle, start=1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, f"row {line_number}", data, exc) from None
+        if line_number == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:
@@ -94,38 +111,74 @@ def _json_lines(path: str, handle) -> Iterator[tuple[int, object]]:
 
 
 def _json_file(path: str, file: Path) -> Iterator[tuple[int, object]]:
-    with _open_text(file) as handle:
-        head = handle.read(4096).lstrip()
+    with _open_binary(file) as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
         handle.seek(0)
-        if not head.startswith("["):  # a .json file holding JSON lines, as many datasets ship them
-            if head and not head.startswith("{"):
-                raise ValueError(f"{path}: expected a JSON array of records or JSON lines, got {head[:1]!r} at the start")
-            yield from _json_lines(path, handle)
+        if not head.startswith(b"["):  # a .json file holding JSON lines, as many datasets ship them
+            if head and not head.startswith(b"{"):
+                raise ValueError(f"{path}: expected a JSON array of records or JSON lines, got {head[:1].decode('latin-1')!r} at the start")
+            try:
+                yield from _json_lines(path, handle)
+            except ValueError:
+                _raise_if_one_object(path, file)
+                raise
             return
     yield from _json_array(path, file)
 
 
+def _raise_if_one_object(path: str, file: Path) -> None:
+    """A pretty-printed JSON object (`{"data": [...]}`) is not bad JSON lines: say what it is."""
+    with _open_binary(file) as handle:
+        try:
+            whole = json.loads(handle.read().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+    if isinstance(whole, dict):
+        keys = ", ".join(map(repr, list(whole)[:5]))
+        raise ValueError(f"{path}: one JSON object (keys {keys}), expected a JSON array of records or JSON lines") from None
+
+
+def _first_non_utf8(path: str, file: Path) -> ValueError | None:
+    with _open_binary(file) as handle:
+        for line_number, data in enumerate(handle, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _not_utf8(path, f"line {line_number}", data, exc)
+    return None
+
+
 def _json_array(path: str, file: Path) -> Iterator[tuple[int, object]]:
     """The records of a JSON array, streamed: ijson builds one record at a time (floats as float,
-    like json.load). What ijson rejects is read again by json.load, whole: its error is the one-line
+    like json.load). What ijson rejects is read again by json.loads, whole: its error is the one-line
     message (file, line) a bad file always got, and the few values json.load accepts but yajl does
     not (integers past 64 bits, NaN, Infinity, 1e400) still load, as the rows not yet given."""
     import ijson
 
     yielded = 0
     try:
-        with gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb") as handle:
+        with _open_binary(file) as handle:
             for record in ijson.items(handle, "item", use_float=True):
                 yielded += 1
                 yield yielded, record
         return
     except ijson.JSONError:
         pass
-    with _open_text(file) as handle:
-        try:
-            records = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    with _open_binary(file) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_number, line_start = data.count(b"\n", 0, exc.start) + 1, data.rfind(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path} line {line_number}: byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1} is not UTF-8 (re-encode the file as UTF-8)"
+        ) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got a JSON {_type_name(records)}")
     yield from enumerate(records[yielded:], start=yielded + 1)
 
 
@@ -165,35 +218,51 @@ def _datasets_rows(source: SourceConfig, kind: str, batch_rows: int) -> Iterator
         else:
             dataset = datasets.load_dataset(source.path, split=split)
     except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError…)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{source.path}: cannot load as a {'saved datasets folder' if kind == 'disk' else 'dataset'} ({first_line})") from None
+        raise ValueError(f"{source.path}: cannot load as a {'saved datasets folder' if kind == 'disk' else 'dataset'} ({_first_line(exc)})") from None
     yield from _arrow_rows(dataset, batch_rows)
 
 
 def read_records(source: SourceConfig, batch_rows: int) -> Iterator[list[tuple[int, object]]]:
-    """Batches of (row number, record): line numbers for JSON lines, 1-based positions otherwise."""
+    """Batches of (row number, record): line numbers for JSON lines, 1-based positions otherwise.
+    A file that is not what its name says (a .gz that is not gzip, a .parquet that is not Parquet,
+    a CSV that is not UTF-8) fails with one line naming the file."""
+    import pyarrow as pa
+
     kind = source_type(source)
     path = source.path  # relative paths are relative to the working directory, like any CLI path
     file = Path(path)
     if kind in ("jsonl", "json", "parquet", "csv") and not file.is_file():
         raise ValueError(f"{path}: source file not found (cwd {Path.cwd()})")
-    if kind == "jsonl":
-        with _open_text(file) as handle:
-            yield from _batched(_json_lines(path, handle), batch_rows)
-    elif kind == "json":
-        yield from _batched(_json_file(path, file), batch_rows)
-    elif kind == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if kind == "jsonl":
+            with _open_binary(file) as handle:
+                yield from _batched(_json_lines(path, handle), batch_rows)
+        elif kind == "json":
+            yield from _batched(_json_file(path, file), batch_rows)
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
 
-        position = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows):
-            records = batch.to_pylist()
-            yield list(enumerate(records, start=position + 1))
-            position += len(records)
-    elif kind == "csv":
-        yield from _batched(enumerate(_csv_file(file), start=1), batch_rows)
-    else:
-        yield from _batched(enumerate(_datasets_rows(source, kind, batch_rows), start=1), batch_rows)
+            position = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows):
+                records = batch.to_pylist()
+                yield list(enumerate(records, start=position + 1))
+                position += len(records)
+        elif kind == "csv":
+            yield from _batched(enumerate(_csv_file(file), start=1), batch_rows)
+        else:
+            yield from _batched(enumerate(_datasets_rows(source, kind, batch_rows), start=1), batch_rows)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({_first_line(exc)})") from None
+    except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        if kind == "csv" and (not_utf8 := _first_non_utf8(path, file)) is not None:
+            raise not_utf8 from None
+        what = {"parquet": "a Parquet file", "csv": "CSV"}.get(kind, f"a {kind} source")
+        raise ValueError(f"{path}: cannot read as {what} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -204,7 +273,10 @@ def is_placeholder_input(text: str) -> bool:
 
 
 def hh_turns(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str]:
-    """posttrain.transcripts.hh_turns, with a mismatch quarantined as `prompt_mismatch`."""
+    """posttrain.transcripts.hh_turns, with a mismatch quarantined as `prompt_mismatch` and a
+    transcript without any assistant turn as `no_final_reply`."""
+    if transcripts.HH_ASSISTANT not in chosen or transcripts.HH_ASSISTANT not in rejected:
+        raise Unusable("no_final_reply")
     try:
         return transcripts.hh_turns(chosen, rejected)
     except transcripts.PromptMismatch:
@@ -321,9 +393,18 @@ def read_batches(
     """Rows of one source, `batch_rows` at a time, each with its row id; unusable records go to
     `removals` with their rule and never reach the caller."""
     origins.start_source(name)
+    # A `fields` entry that names a column no row has would otherwise read as an empty optional
+    # field (alpaca's input) in every row: silent loss. Checked once the whole source is read.
+    # (`role` and `content` name keys inside each turn, which turns() checks turn by turn.)
+    unseen_columns = {column: field for field, column in source.fields.items() if field not in ("role", "content")}
+    records_read = 0
     for batch in read_records(source, batch_rows):
+        records_read += len(batch)
         rows = []
         for row_number, record in batch:
+            if unseen_columns and isinstance(record, dict):
+                for column in [column for column in unseen_columns if column in record]:
+                    del unseen_columns[column]
             row_id = origins.add(row_number)
             where = f"{name} row {row_number}"
             try:
@@ -333,3 +414,8 @@ def read_batches(
                 continue
             rows.append(Row(source.role, kept, record, name, row_number, row_id))
         yield rows
+    if records_read == 0:
+        raise ValueError(f"{name}: no rows (an empty source; remove it from data.sources or fill it)")
+    if unseen_columns:
+        column, field = next(iter(unseen_columns.items()))
+        raise ValueError(f"{name}: fields maps {field!r} to column {column!r}, which no row of the source has")

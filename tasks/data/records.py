@@ -90,6 +90,7 @@ class Removals:
     path: Path | None = None
     counts: dict = field(default_factory=lambda: {rule: 0 for rule in RULES})
     normalised: dict = field(default_factory=dict)
+    by_role: dict = field(default_factory=dict)  # role -> rule -> count, for the contract failure's line
     _handle: object = None
     _offsets: array = field(default_factory=lambda: array("q"))
     _row_ids: array = field(default_factory=lambda: array("q"))
@@ -101,6 +102,8 @@ class Removals:
 
     def add(self, rule: str, row: Row, **detail) -> None:
         self.counts[rule] += 1
+        role_counts = self.by_role.setdefault(row.role, {})
+        role_counts[rule] = role_counts.get(rule, 0) + 1
         if self._handle is not None:
             entry = {"rule": rule, **row.origin(), "record": row.raw, **detail}
             self._offsets.append(self._handle.tell())

@@ -52,7 +52,7 @@ def test_failed_contract_stops_before_training_and_keeps_finished_work(tmp_path)
 def test_bad_source_row_names_file_row_and_key(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
-    result = run_cli(write_config(tmp_path, f"    - {{role: instruction, path: {rows}}}"))
+    result = run_cli(write_config(tmp_path, f"    - {{role: instruction, path: {rows}}}\n    - {{role: preference, generate: {{rows: 50}}}}"))
     assert result.returncode == 1
     [line] = error_lines(result)
     assert f"{rows} row 2: missing key 'response'" in line

@@ -74,7 +74,7 @@ def test_sections_declare_their_outside_inputs(tmp_path):
 
 def test_a_missing_source_file_is_found_when_the_config_is_checked(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  sources:\n    - {{path: {tmp_path / 'gone.jsonl'}, format: instruction}}\n")
+    config.write_text(f"data:\n  sources:\n    - {{path: {tmp_path / 'gone.jsonl'}, format: instruction}}\n    - {{role: preference, generate: {{rows: 5}}}}\n")
     with pytest.raises(ConfigError, match=r"data.sources\[0\]: .*gone.jsonl: no such file or folder"):
         load_config(config).check_outside_paths(str(config))
 

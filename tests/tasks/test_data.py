@@ -143,6 +143,34 @@ def test_normalisation_reaches_the_output(stage):
     assert data.normalize_text("\u3000ｆｕｌｌ\twidth\r\n x\x1b ") == "full width\n x"
 
 
+INDENTED_PYTHON = (
+    "def mean(values):  \r\n"
+    "    total = 0\r\n"
+    "    for value in values:\r\n"
+    "        if value  is not None:   # inner spacing of code is kept\r\n"
+    "\t\t\ttotal += value\r\n"
+    "    return total / len(values)\r\n"
+)
+
+
+def test_normalisation_keeps_code_indentation_and_tidies_prose():
+    import ast
+
+    code = data.normalize_text(INDENTED_PYTHON)
+    assert code.splitlines() == [line.rstrip() for line in INDENTED_PYTHON.splitlines()]  # CRLF and trailing spaces only
+    ast.parse(code.replace("\t\t\t", "            "))  # still Python
+    answer = "Use  a loop:\n\n```python\nx  =  1   \n```\nThat's   all.  \n\n"
+    assert data.normalize_text(answer) == "Use a loop:\n\n```python\nx  =  1\n```\nThat's all."
+    assert data.normalize_text("  one   line\t ") == "one line"
+    assert data.normalize_text("\xa0\xa0\xa0\xa0return x\n") == "return x"  # one line: stripped; NBSP is a space
+
+
+def test_terminal_escape_sequences_are_removed_whole():
+    assert data.normalize_text("hi\x1b[31mred\x1b[0m and \x1b[1;32mbold\x1b[m") == "hired and bold"
+    assert data.normalize_text("title\x1b]0;window name\x07 done") == "title done"
+    assert data.normalize_text("a\x1bMb") == "ab"
+
+
 def test_splits_have_role_fields_and_do_not_overlap(stage):
     metrics, out_dir = stage["metrics"], stage["out"]
     for role, fields in ROLE_FIELDS.items():
@@ -225,11 +253,20 @@ def test_a_broken_edge_stops_the_stage(tmp_path, tiny_base, tiny_benchmarks):
     config = DataConfig(sources=[{"role": "prompt", "path": str(tmp_path / "prompts.jsonl")}])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(ContractViolation, match=r"^data contract prompt_clean: expect_table_row_count_to_be_between failed"):
+    with pytest.raises(ContractViolation, match=r"^data contract prompt_clean: expect_table_row_count_to_be_between failed") as failure:
         data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir)
+    # The line says why nothing is left and where the removed rows are.
+    assert f"prompt rows: 3 in, 0 kept, removed by rule: decontaminated 3; the removed rows with their rule: {out_dir / 'rejected.jsonl'}" in str(failure.value)
     # What is needed for the post-mortem is there: the quarantine and the Data Docs of the failure.
     assert [(e["rule"], e["source_row"]) for e in read_jsonl(out_dir / "rejected.jsonl")] == [("decontaminated", n) for n in (1, 2, 3)]
     assert "prompt_clean" in (out_dir / "data_docs" / "index.html").read_text()
+
+
+def test_a_one_row_dataset_fails_its_contract_in_the_data_stage(tmp_path, tiny_base, tiny_benchmarks):
+    write_jsonl(tmp_path / "one.jsonl", [{"prompt": "copy abc", "response": "abc"}])
+    config = DataConfig(sources=[{"role": "instruction", "path": str(tmp_path / "one.jsonl")}], decontaminate=False)
+    with pytest.raises(ContractViolation, match=r"instruction_clean: expect_column_distinct_values_to_contain_set\(split\) failed; instruction rows: 1 in, 1 kept, removed by rule: none"):
+        data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, tmp_path / "out")
 
 
 @pytest.mark.parametrize(

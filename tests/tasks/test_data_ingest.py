@@ -385,3 +385,41 @@ def test_stage_mixes_formats_and_containers(tmp_path, tiny_base):
     prompts = read_jsonl(out_dir / "prompt" / "train.jsonl") + read_jsonl(out_dir / "prompt" / "eval.jsonl")
     assert {"prompt": "Call <PHONE>?", "answer": "no"} in prompts and {"prompt": "What is 2+2?", "answer": "4"} in prompts
     assert manifests[1]["contracts"]["preference_clean"]["passed"] == 18
+
+
+def test_a_mapped_column_that_no_row_has_is_an_error_not_an_empty_field(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Yo", "output": "Hey"}])
+    with pytest.raises(ValueError, match=r"a.jsonl: fields maps 'input' to column 'context', which no row of the source has$"):
+        read_all(path=str(tmp_path / "a.jsonl"), format="alpaca", fields={"input": "context"})
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Yo", "context": "there", "output": "Hey"}])
+    read, _ = read_all(path=str(tmp_path / "a.jsonl"), format="alpaca", fields={"input": "context"})  # one row has it: fine
+    assert [row.record["prompt"] for row in read] == ["Hi", "Yo\n\nthere"]
+
+
+def test_a_byte_order_mark_and_crlf_are_accepted_in_every_text_container(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n{"prompt": "c", "response": "d"}\r\n')
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf[{"prompt": "a", "response": "b"},\r\n {"prompt": "c", "response": "d"}]\r\n')
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,response\r\na,b\r\nc,d\r\n")
+    for name in ("bom.jsonl", "bom.json", "bom.csv"):
+        read, _ = read_all(path=str(tmp_path / name), role="instruction")
+        assert [row.record for row in read] == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}], name
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("latin.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', r"latin.jsonl row 2: byte 0xe9 at column 16 is not UTF-8"),
+        ("latin.json", b'[{"prompt": "a", "response": "b"},\n{"prompt": "caf\xe9", "response": "b"}]', r"latin.json line 2: byte 0xe9 at column 16 is not UTF-8"),
+        ("latin.csv", b"prompt,response\na,b\nc,caf\xe9\n", r"latin.csv line 3: byte 0xe9 at column 6 is not UTF-8"),
+        ("fake.jsonl.gz", b'{"prompt": "a", "response": "b"}\n', r"fake.jsonl.gz: not a readable gzip file \(Not a gzipped file"),
+        ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a", "response": "b"}\n' * 50)[:40], r"cut.jsonl.gz: not a readable gzip file \(Compressed file ended"),
+        ("fake.parquet", b"prompt,response\na,b\n", r"fake.parquet: cannot read as a Parquet file \("),
+        ("wrapped.json", b'{\n  "data": [{"prompt": "a", "response": "b"}]\n}\n', r"wrapped.json: one JSON object \(keys 'data'\), expected a JSON array of records or JSON lines$"),
+    ],
+)
+def test_a_file_that_is_not_what_its_name_says_is_one_line_naming_it(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        read_all(path=str(tmp_path / name), role="instruction")
+    assert error.type is ValueError  # our one line, not a library's exception type
+    assert "\n" not in str(error.value)

@@ -95,6 +95,8 @@ def test_steps_follow_from_epochs_and_accumulation_from_the_global_batch(tiny_ba
     with pytest.raises(ValueError, match="not a multiple of sft.batch_size x devices = 24"):
         training_schedule(SftConfig(epochs=1, batch_size=8, global_batch=32), 540, devices=3)
     assert training_schedule(SftConfig(epochs=1, max_steps=5, batch_size=8, global_batch=8, grad_accum=4), 540, 1) == (68, 1)  # epochs and global_batch win
+    with pytest.raises(ValueError, match=r"^sft.batch_size 16 x 2 device\(s\) is more than the data's 20 train rows; lower sft.batch_size$"):
+        training_schedule(SftConfig(batch_size=16), 20, devices=2)
 
     artifact = tasks.sft.run(SftConfig(epochs=0.5, batch_size=8, global_batch=16, seed=0, eval_rows=16), {"base": tiny_base, "data": tiny_data}, tmp_path)
     rows = artifact.metrics["train_rows"]
