@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,10 +162,32 @@ class Store:
         pattern = f"{stage or '*'}/*/{MANIFEST}"
         return [Artifact.load(path.parent) for path in sorted((self.root / "store").glob(pattern))]
 
+    @contextmanager
+    def build_lock(self, stage: str, fingerprint: str):
+        """Held while one process builds `stage` at `fingerprint`: a second run of the same work on
+        this store waits here, then finds the artifact published. An flock, so the kernel releases
+        it when its holder dies, however it dies."""
+        import fcntl
+
+        folder = self.root / "locks" / stage  # beside store/, which holds only artifacts and staging folders
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"{fingerprint}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def staging_dir(self, stage: str, fingerprint: str) -> Path:
-        folder = self.root / "store" / stage / f".tmp-{fingerprint}-{os.getpid()}"
-        if folder.exists():
-            shutil.rmtree(folder)
+        """A fresh staging folder. Called under build_lock, so any other staging folder of this
+        fingerprint is a dead or failed attempt's: removed now (its diagnostics were for that one)."""
+        parent = self.root / "store" / stage
+        for stale in parent.glob(f".tmp-{fingerprint}-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)  # the subprocess launcher's .config.json / .inputs.json
+        folder = parent / f".tmp-{fingerprint}-{os.getpid()}"
         folder.mkdir(parents=True)
         return folder
 
@@ -181,6 +204,11 @@ class Store:
             "path": final.relative_to(self.root).as_posix(),
             "files": files,
         }
+        if (final / MANIFEST).is_file():
+            # Published meanwhile by a process that did not share our lock (another host on a
+            # shared folder): a finished folder is never moved; ours is the same work, dropped.
+            shutil.rmtree(staged.path, ignore_errors=True)
+            return Artifact.load(final)
         write_json_atomic(staged.path / MANIFEST, manifest)
         if final.exists():
             # Same fingerprint but no manifest (a manual copy, a foreign tool): keep it aside, never delete.

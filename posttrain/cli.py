@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from posttrain import watchdog
 from posttrain.config import ConfigError, load_config
 from posttrain.env import configure_environment
 
@@ -107,8 +108,26 @@ def _prepare_environment(root: Path) -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "prefect" / "results"))
 
 
+def _start_prefect_server(root: Path) -> None:
+    """Prefect's temporary API server, started now rather than by the flow, one process at a time
+    per store: its first start migrates the database under store_root/prefect, and two runs
+    migrating it at once printed a traceback (`duplicate column name`). With PREFECT_API_URL set,
+    the runs use that server and this does nothing."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import fcntl
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    lock = root / "prefect" / ".server-start.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()  # the flow's client finds it running (a per-process singleton)
+
+
 def command_run(args) -> int:
-    from posttrain.runs import RunRecord
+    from posttrain.runs import RunRecord, mark_dead_runs_failed
 
     cfg = load_config(args.config, args.set)
     cfg.check_outside_paths(str(args.config))
@@ -122,6 +141,8 @@ def command_run(args) -> int:
     _prepare_environment(root)
     config_text = Path(args.config).read_text()
     record = RunRecord.start(root, cfg, str(args.config), args.set, config_text)
+    watchdog.start(record.path)  # before anything starts a process: none may outlive this one
+    mark_dead_runs_failed(root)
     log_path = _setup_log(root, record.run_id)
     logged_text = config_text + "".join(f"\n# --set {item}" for item in args.set)
     try:
@@ -129,6 +150,7 @@ def command_run(args) -> int:
         # bars are off through HF_HUB_DISABLE_PROGRESS_BARS, posttrain.env).
         from flows.pipeline import pipeline
 
+        _start_prefect_server(root)
         final = pipeline(cfg, str(record.path), logged_text, args.until)
     except KeyboardInterrupt:
         errors.print("posttrain: interrupted; finished stages are kept in the store")

@@ -109,7 +109,15 @@ def execute_stage(
     cached = store.lookup(stage, key.fingerprint)
     if cached is not None:
         return StageOutcome(cached, True, 0.0)
+    with store.build_lock(stage, key.fingerprint):
+        # A twin run on this store may have built it while this one waited for the lock.
+        cached = store.lookup(stage, key.fingerprint)
+        if cached is not None:
+            return StageOutcome(cached, True, 0.0)
+        return _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key)
 
+
+def _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key) -> StageOutcome:
     module_name, _ = module_source(module)
     staging = store.staging_dir(stage, key.fingerprint)
     started = time.perf_counter()

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from posttrain.artifacts import write_json_atomic
+from posttrain.watchdog import process_start_time
 
 RECORD = "run.json"
 
@@ -54,6 +55,7 @@ class RunRecord:
             "config": cfg.model_dump(mode="json"),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_start": process_start_time(os.getpid()),  # with the pid, names this process (pids are reused)
             "stages": {},
         }
         record = cls(Path(root) / "runs" / run_id / RECORD, data)
@@ -89,14 +91,27 @@ class RunRecord:
         self.save()
 
 
+def is_dead(record: dict) -> bool:
+    """A record that says "running" whose process is gone (on this host: its pid with its start
+    time no longer exists). The watchdog normally marks such a run failed; this covers a watchdog
+    killed together with the run."""
+    if record.get("status") != "running" or record.get("host") != socket.gethostname() or "pid" not in record:
+        return False
+    started = process_start_time(record["pid"])
+    return started is None or (record.get("pid_start") is not None and started != record["pid_start"])
+
+
 def list_runs(root: Path) -> list[dict]:
     """Every readable run record under the store root, oldest first."""
     records = []
     for path in (Path(root) / "runs").glob(f"*/{RECORD}"):
         try:
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if is_dead(record):
+            record["status"] = "dead"  # as read, not written: the next run or the watchdog records it
+        records.append(record)
     return sorted(records, key=lambda record: (record.get("started_at", ""), record.get("run_id", "")))
 
 
@@ -110,3 +125,23 @@ def find_run(root: Path, name_or_id: str | None) -> dict | None:
             return record
     named = [record for record in runs if record.get("run_name") == name_or_id]
     return named[-1] if named else None
+
+
+def mark_dead_runs_failed(root: Path) -> list[str]:
+    """Record every dead run under the store root as failed (what `status` and the next `resume`
+    read); its MLflow runs are closed by the tracking set-up of the run that calls this."""
+    marked = []
+    for path in (Path(root) / "runs").glob(f"*/{RECORD}"):
+        try:
+            record = RunRecord.load(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not is_dead(record.data):
+            continue
+        for info in record.data.get("stages", {}).values():
+            if info.get("state") == "running":
+                info.update(state="failed", finished_at=now())
+        record.data["error"] = f"the run's process (pid {record.data['pid']}) died before the run finished (found by a later run)"
+        record.finish("failed")
+        marked.append(record.run_id)
+    return marked

@@ -26,6 +26,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from posttrain.artifacts import write_json_atomic
 from posttrain.config import TrackingConfig
 from posttrain.fingerprint import section_payload
 from posttrain.runner import StageOutcome, git_state
@@ -134,6 +135,32 @@ class PipelineTracking:
                 f"MLflow tracking server {uri}: unreachable after {tries} tries ({reason}); start it or set tracking.uri (tracking.enabled: false runs without MLflow)"
             ) from None
 
+    def _close_runs_of_dead_processes(self, mlflow) -> None:
+        """A run killed mid-way left its MLflow parent (and the child in flight) RUNNING forever;
+        its record now says failed (posttrain.watchdog, posttrain.runs): say FAILED in MLflow too."""
+        client = mlflow.MlflowClient()
+        for path in (self.store_root / "runs").glob("*/run.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            parent = record.get("mlflow_parent_run_id")
+            if record.get("status") != "failed" or not parent or record.get("mlflow_closed"):
+                continue
+            from mlflow.exceptions import MlflowException
+
+            try:
+                running = client.search_runs(
+                    [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+                )
+                for run_id in [run.info.run_id for run in running] + [parent]:
+                    if client.get_run(run_id).info.status == "RUNNING":
+                        client.set_terminated(run_id, "FAILED")
+            except MlflowException:  # tracked elsewhere (another server or experiment): not ours to close
+                continue
+            record["mlflow_closed"] = True
+            write_json_atomic(path, record, sort_keys=False)
+
     def __enter__(self) -> "PipelineTracking":
         if not self.config.enabled:
             return self
@@ -155,6 +182,7 @@ class PipelineTracking:
             if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
                 mlflow.MlflowClient().set_experiment_tag(self.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         mlflow.set_experiment(experiment_id=self.experiment_id)
+        self._close_runs_of_dead_processes(mlflow)
         git = git_state()
         run = mlflow.start_run(
             run_name=self.run_name,

@@ -115,6 +115,15 @@ def test_failed_stage_leaves_no_artifact_and_keeps_finished_ones(tmp_path):
     assert (tmp_path / "root" / "store" / "count" / leftovers[0] / "partial.bin").is_file()
     assert not (tmp_path / "root" / "store" / "count" / leftovers[0] / "manifest.json").exists()
     assert store.lookup("count", finished.artifact.fingerprint) is not None
+    # The next attempt at the same work removes an earlier (here: another process's) staging folder
+    # of that fingerprint, so they never pile up; other fingerprints' are left alone.
+    stage_dir = tmp_path / "root" / "store" / "count"
+    dead_attempt = stage_dir / leftovers[0].replace(f"-{os.getpid()}", "-99999999")
+    (stage_dir / leftovers[0]).rename(dead_attempt)
+    (stage_dir / ".tmp-otherfingerprint-99999999").mkdir()
+    with pytest.raises(ValueError, match="bad row"):
+        execute_stage("count", module, {"k": 9}, {}, store, seed=0)
+    assert sorted(p.name for p in stage_dir.glob(".tmp-*")) == sorted([leftovers[0], ".tmp-otherfingerprint-99999999"])
 
 
 # ----------------------------------------------------------------------------- integrity of a hit
