@@ -37,6 +37,13 @@ class ModelLoadError(RuntimeError):
     """A model path or id that cannot be loaded, said in one line."""
 
 
+def _load_error(what: str, exc: Exception) -> ModelLoadError:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "custom code" in line:  # refused, not run: transformers only executes it with trust_remote_code
+        line += " Refused: set model.trust_remote_code: true only for code you trust."
+    return ModelLoadError(f"{what}: {line}")
+
+
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer over printable ASCII, built with `tokenizers`.
 
@@ -88,7 +95,7 @@ def load_tokenizer(name_or_path: str | Path, revision: str | None = None, trust_
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"tokenizer {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise _load_error(f"tokenizer {name_or_path}", exc) from exc
     if tokenizer.pad_token is None:
         # Many base models ship without a pad token; padding is always masked, so EOS is safe to reuse.
         tokenizer.pad_token = tokenizer.eos_token
@@ -113,7 +120,7 @@ def load_causal_lm(
             **kwargs,
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise _load_error(f"model {name_or_path}", exc) from exc
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False):

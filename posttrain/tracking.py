@@ -208,15 +208,21 @@ class PipelineTracking:
 
     # ------------------------------------------------------------------ children
     def _builder_run(self, stage: str, fingerprint: str) -> str | None:
+        """The finished child run that logged this artifact: the one that built it or, when that
+        one never finished logging (its process was killed between publish and logging), the
+        first later hit that back-filled it."""
         import mlflow
 
-        found = mlflow.search_runs(
-            experiment_ids=[self.experiment_id],
-            filter_string=f"tags.`{TAG}fingerprint` = '{fingerprint}' and tags.`{TAG}cache_hit` = 'false' and tags.`{TAG}stage` = '{stage}'",
-            max_results=1,
-            output_format="list",
-        )
-        return found[0].info.run_id if found else None
+        for marker in (f"tags.`{TAG}cache_hit` = 'false'", f"tags.`{TAG}backfilled` = 'true'"):
+            found = mlflow.search_runs(
+                experiment_ids=[self.experiment_id],
+                filter_string=f"tags.`{TAG}fingerprint` = '{fingerprint}' and {marker} and tags.`{TAG}stage` = '{stage}' and attributes.status = 'FINISHED'",
+                max_results=1,
+                output_format="list",
+            )
+            if found:
+                return found[0].info.run_id
+        return None
 
     def _description(self, stage: str, artifact_path: str, upstream: dict[str, str | None], builder: str | None) -> str:
         lines = [f"**{stage}** — store folder `{artifact_path}`"]
@@ -266,6 +272,10 @@ class PipelineTracking:
         builder = self._builder_run(stage, artifact.fingerprint) if outcome.cache_hit else None
         if builder:
             tags[f"{TAG}built_by_run"] = builder
+        # A hit with no finished run that logged it: this run logs what the builder never did.
+        backfill = outcome.cache_hit and builder is None
+        if backfill:
+            tags[f"{TAG}backfilled"] = "true"
         tags["mlflow.note.content"] = self._description(stage, relative_path, upstream, builder)
         hacking = artifact.manifest.get("reward_hacking")
         if isinstance(hacking, dict):  # the gate refuses a model with this flag in its lineage
@@ -315,7 +325,7 @@ class PipelineTracking:
         for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
             if (artifact.path / folder).is_dir():
                 client.log_artifacts(run_id, str(artifact.path / folder), artifact_path=folder)
-        if log_model and self.config.log_models and not outcome.cache_hit and model is None:
+        if log_model and self.config.log_models and (not outcome.cache_hit or backfill) and model is None:
             client.log_artifacts(run_id, str(artifact.path), artifact_path="model")
         if model is not None:
             self.register_models(client, model, artifact, run_id, params)
