@@ -190,22 +190,20 @@ def pipeline(cfg: PipelineConfig, record_path: str, config_text: str, until: str
         record.update(mlflow_parent_run_id=tracking.parent_run_id)
         run = PipelineRun(cfg, record, tracking, flow_run_id)
         try:
+            steps = plan(cfg)
             if until is not None:
                 record.update(until=until)
-                steps = plan(cfg)
-                for step in (step for step in steps if step.name in upstream(steps, until)):
-                    run.stage(step)
-                record.finish("succeeded")
-                return record.data
-            for step in plan(cfg):
+                needed = upstream(steps, until)
+                steps = [step for step in steps if step.name in needed]
+            for step in steps:
                 run.stage(step)
-            if cfg.quantize.source == "candidate":
+            if until is None and cfg.quantize.source == "candidate":
                 # Quantize what the gate will consider: the best model so far, then score its variants.
                 candidate = choose_candidate(evaluation_results(run), cfg.gate.candidate, cfg.gate.eligible, cfg.gate.primary_metric)
                 for step in plan(cfg, candidate):
                     if step.name not in run.artifacts:
                         run.stage(step)
-            if cfg.gate.enabled and cfg.tracking.enabled:
+            if until is None and cfg.gate.enabled and cfg.tracking.enabled:
                 run_gate(run, cfg)
         except BaseException:
             record.finish("failed")

@@ -157,11 +157,10 @@ def command_run(args) -> int:
         return 130
     except Exception as exc:  # the edge: one line to the terminal, the trace to the log
         logging.getLogger("posttrain").error("run failed\n%s", traceback.format_exc())
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         latest = RunRecord.load(record.path)  # the flow may have written stages since
         if latest.data.get("status") == "running":  # failed before the flow could say so (e.g. no tracking server)
-            latest.update(error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            latest.finish("failed")
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            latest.mark_failed(first_line)
         errors.print(f"[red]error:[/] {first_line}  [dim](trace: {log_path})[/]")
         return 1
     print_stage_table(final)

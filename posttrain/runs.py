@@ -90,6 +90,14 @@ class RunRecord:
         self.data["finished_at"] = now()
         self.save()
 
+    def mark_failed(self, error: str) -> None:
+        """Failed with `error`, and the stage in flight with it (a crash, a kill, a lost server)."""
+        for info in self.data.get("stages", {}).values():
+            if info.get("state") == "running":
+                info.update(state="failed", finished_at=now())
+        self.data["error"] = error
+        self.finish("failed")
+
 
 def is_dead(record: dict) -> bool:
     """A record that says "running" whose process is gone (on this host: its pid with its start
@@ -138,10 +146,6 @@ def mark_dead_runs_failed(root: Path) -> list[str]:
             continue
         if not is_dead(record.data):
             continue
-        for info in record.data.get("stages", {}).values():
-            if info.get("state") == "running":
-                info.update(state="failed", finished_at=now())
-        record.data["error"] = f"the run's process (pid {record.data['pid']}) died before the run finished (found by a later run)"
-        record.finish("failed")
+        record.mark_failed(f"the run's process (pid {record.data['pid']}) died before the run finished (found by a later run)")
         marked.append(record.run_id)
     return marked

@@ -67,14 +67,24 @@ def pair_ids(parts: list[dict]) -> list[dict]:
     return [{"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]} for p in parts]
 
 
-def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:
-    """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
+def pair_margins(model, pairs: list[dict], pad_id: int, max_length: int) -> torch.Tensor:
+    """r(chosen) − r(rejected) for each pair."""
     chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
     rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
-    wins = (chosen > rejected).float()
+    return chosen - rejected
+
+
+def pairwise_metrics(model, pairs: list[dict], rows: list[dict], pad_id: int, max_length: int, prefix: str) -> dict:
+    """Accuracy (chosen > rejected), mean margin, and accuracy per skill where rows carry one."""
+    return margin_metrics(pair_margins(model, pairs, pad_id, max_length), rows, prefix)
+
+
+def margin_metrics(margins: torch.Tensor, rows: list[dict], prefix: str) -> dict:
+    """pairwise_metrics from margins already scored."""
+    wins = (margins > 0).float()
     metrics = {
         f"{prefix}accuracy": round(wins.mean().item(), 4),
-        f"{prefix}margin": round((chosen - rejected).mean().item(), 4),
+        f"{prefix}margin": round(margins.mean().item(), 4),
     }
     skills = sorted({row["skill"] for row in rows if isinstance(row.get("skill"), str)})
     for skill in skills:

@@ -26,7 +26,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-from posttrain.artifacts import write_json_atomic
 from posttrain.config import TrackingConfig
 from posttrain.fingerprint import section_payload
 from posttrain.runner import StageOutcome, git_state
@@ -138,17 +137,19 @@ class PipelineTracking:
     def _close_runs_of_dead_processes(self, mlflow) -> None:
         """A run killed mid-way left its MLflow parent (and the child in flight) RUNNING forever;
         its record now says failed (posttrain.watchdog, posttrain.runs): say FAILED in MLflow too."""
+        from mlflow.exceptions import MlflowException
+
+        from posttrain.runs import RECORD, RunRecord
+
         client = mlflow.MlflowClient()
-        for path in (self.store_root / "runs").glob("*/run.json"):
+        for path in (self.store_root / "runs").glob(f"*/{RECORD}"):
             try:
-                record = json.loads(path.read_text())
+                record = RunRecord.load(path)
             except (OSError, json.JSONDecodeError):
                 continue
-            parent = record.get("mlflow_parent_run_id")
-            if record.get("status") != "failed" or not parent or record.get("mlflow_closed"):
+            parent = record.data.get("mlflow_parent_run_id")
+            if record.data.get("status") != "failed" or not parent or record.data.get("mlflow_closed"):
                 continue
-            from mlflow.exceptions import MlflowException
-
             try:
                 running = client.search_runs(
                     [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
@@ -158,8 +159,7 @@ class PipelineTracking:
                         client.set_terminated(run_id, "FAILED")
             except MlflowException:  # tracked elsewhere (another server or experiment): not ours to close
                 continue
-            record["mlflow_closed"] = True
-            write_json_atomic(path, record, sort_keys=False)
+            record.update(mlflow_closed=True)
 
     def __enter__(self) -> "PipelineTracking":
         if not self.config.enabled:

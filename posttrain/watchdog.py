@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 MARKER = "POSTTRAIN_RUN_MARKER"
@@ -86,21 +85,16 @@ def stop_marked(marker: str) -> int:
 
 
 def mark_dead(record_path: Path, pid: int, stopped: int) -> None:
-    from posttrain.artifacts import write_json_atomic
+    from posttrain.runs import RunRecord  # here: posttrain.runs imports this module
 
     try:
-        record = json.loads(Path(record_path).read_text())
+        record = RunRecord.load(record_path)
     except (OSError, json.JSONDecodeError):
         return
-    if record.get("status") != "running":
+    if record.data.get("status") != "running":
         return  # the run finished and said so itself
-    finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    for info in record.get("stages", {}).values():
-        if info.get("state") == "running":
-            info.update(state="failed", finished_at=finished)
     leftovers = f"; {stopped} process(es) it had started stopped" if stopped else ""
-    record.update(status="failed", finished_at=finished, error=f"the run's process (pid {pid}) died before the run finished{leftovers}")
-    write_json_atomic(Path(record_path), record, sort_keys=False)
+    record.mark_failed(f"the run's process (pid {pid}) died before the run finished{leftovers}")
 
 
 def watch(pid: int, marker: str, record_path: Path) -> None:

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-
 from data_contracts import check_preference_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
-from posttrain.scoring import pair_ids, pairwise_metrics, score_ids
+from posttrain.scoring import margin_metrics, pair_ids, pair_margins, pairwise_metrics
 from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
 
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
@@ -43,13 +42,6 @@ def _lora_config(config: RewardConfig):
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules, task_type="SEQ_CLS")
-
-
-def held_out_margins(model, pairs: list[dict], pad_id: int, max_length: int) -> torch.Tensor:
-    """r(chosen) − r(rejected) for each held-out pair."""
-    chosen = score_ids(model, [pair["chosen_ids"] for pair in pairs], pad_id, max_length)
-    rejected = score_ids(model, [pair["rejected_ids"] for pair in pairs], pad_id, max_length)
-    return chosen - rejected
 
 
 def margin_figures(margins: torch.Tensor, png: Path) -> dict:
@@ -141,8 +133,8 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     trainer.train()
 
     trained = trainer.model.merge_and_unload() if config.method == "lora" else trainer.model
-    after = pairwise_metrics(trained, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_")
-    margins = held_out_margins(trained, pairs["eval"], tokenizer.pad_token_id, config.max_length)
+    margins = pair_margins(trained, pairs["eval"], tokenizer.pad_token_id, config.max_length)
+    after = margin_metrics(margins, eval_rows, prefix="eval_")
     calibration = margin_figures(margins, out_dir / "margins.png")
     save_pretrained(trained, tokenizer, out_dir)
     write_loss_history(out_dir, progress.loss_history)

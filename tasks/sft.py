@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from data_contracts import check_instruction_rows
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
-from posttrain.formatting import IGNORE_INDEX, ChatFormat, record_messages
+from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, record_messages
 from posttrain.jsonl import read_instruction_rows
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
 from posttrain.scoring import completion_scores
@@ -101,18 +101,16 @@ class PackedRowsCollator:
     def __call__(self, bins: list[dict]) -> dict:
         import torch
 
-        width = max(len(b["input_ids"]) for b in bins)
-        input_ids = torch.full((len(bins), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        batch = pad_batch(bins, self.pad_id)
+        del batch["attention_mask"]  # the positions say where each row starts; a mask would hide that
+        width = batch["input_ids"].shape[1]
+        batch["position_ids"] = torch.zeros_like(batch["input_ids"])
         for row, packed in enumerate(bins):
-            length = len(packed["input_ids"])
-            input_ids[row, :length] = torch.tensor(packed["input_ids"])
-            labels[row, :length] = torch.tensor(packed["labels"])
-            position_ids[row] = torch.cat([torch.arange(n) for n in [*packed["seq_lengths"], width - length] if n])
+            padding = width - len(packed["input_ids"])
+            batch["position_ids"][row] = torch.cat([torch.arange(n) for n in [*packed["seq_lengths"], padding] if n])
             starts = torch.tensor([0, *packed["seq_lengths"]]).cumsum(0)[:-1]
-            labels[row, starts] = IGNORE_INDEX  # a row's first token is never predicted from the row before it
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            batch["labels"][row, starts] = IGNORE_INDEX  # a row's first token is never predicted from the row before it
+        return batch
 
 
 class PlainLossSFTTrainer(SFTTrainer):

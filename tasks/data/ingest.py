@@ -168,11 +168,8 @@ def _json_array(path: str, file: Path) -> Iterator[tuple[int, object]]:
         data = handle.read()
     try:
         text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line_number, line_start = data.count(b"\n", 0, exc.start) + 1, data.rfind(b"\n", 0, exc.start) + 1
-        raise ValueError(
-            f"{path} line {line_number}: byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1} is not UTF-8 (re-encode the file as UTF-8)"
-        ) from None
+    except UnicodeDecodeError:
+        raise _first_non_utf8(path, file) from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
