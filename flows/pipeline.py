@@ -22,6 +22,7 @@ from prefect.context import get_run_context
 from rich.console import Console
 
 from flows.plan import Step, plan, upstream
+from posttrain import failpoints
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import PipelineConfig
 from posttrain.gate import Decision, decide, hacking_flags
@@ -95,6 +96,7 @@ class PipelineRun:
         self.artifacts[step.name] = artifact
         upstream = {name: self.tracking.child_runs.get(source) for name, source in step.inputs.items()}
         datasets = [(ref.name, self.artifacts[ref.stage], ref.path, ref.context) for ref in step.datasets]
+        failpoints.reach("published", stage=step.name)
         child_run = self.tracking.log_stage(step.name, outcome, step.section, upstream, datasets, step.log_model, started_wall, time.time(), step.model)
         self.record.stage_finished(
             step.name,

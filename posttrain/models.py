@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from posttrain import failpoints
 from posttrain.formatting import DEMO_CHAT_TEMPLATE, ensure_chat_template
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
@@ -131,6 +132,7 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False):
 
 def save_pretrained(model, tokenizer, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
+    failpoints.reach("save", path=str(out_dir / "tokenizer.json"))
     tokenizer.save_pretrained(out_dir)
 
 

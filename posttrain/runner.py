@@ -16,10 +16,12 @@ folder is left in place (`store/<stage>/.tmp-*`) so its diagnostics can be read.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,6 +89,48 @@ def _run_subprocess(
     return Artifact(staging, draft)
 
 
+_DISK_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or anything in its chain is a full disk: an OSError with ENOSPC or EDQUOT, or a
+    library's wrapped form of it (safetensors' writer, in Rust, raises its own error naming
+    `StorageFull`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(marker in str(exc) for marker in _DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_after(staging: Path) -> bool:
+    """A subprocess stage's full disk shows only as its exit status: look at the disk itself."""
+    try:
+        return shutil.disk_usage(staging if staging.exists() else staging.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _disk_full_error(stage: str, staging: Path) -> StageError:
+    """One line for a full disk; the half-written staging folder is removed, since keeping it for
+    diagnosis would keep the disk full, and it never counted as an artifact anyway."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        free_bytes = shutil.disk_usage(staging.parent).free
+        free = f"{free_bytes / 1e9:.1f} GB" if free_bytes >= 1e9 else f"{free_bytes / 1e6:.2f} MB"
+        free += " free after removing it"
+    except OSError:
+        free = "free space unknown"
+    return StageError(
+        f"{stage}: no space left on device while writing {staging.parent} ({free}); "
+        f"the partial folder was removed, published stages are unchanged: free space and run again"
+    )
+
+
 def compute_key(stage: str, module: str | ModuleType, section, inputs: dict[str, Artifact], store: Store) -> StageKey:
     return stage_key(stage, module, section, inputs, DigestMemo(store.digest_memo_path))
 
@@ -123,18 +167,24 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
     started = time.perf_counter()
     # Where models go and how many threads torch uses: read by posttrain.models.pick_device and
     # set in this process too, so an in-process stage sees the same settings as a subprocess one.
-    environment = {"POSTTRAIN_THREADS": str(threads), "POSTTRAIN_DEVICE": device}
+    # POSTTRAIN_STAGE names the stage being built, for posttrain.failpoints.
+    environment = {"POSTTRAIN_THREADS": str(threads), "POSTTRAIN_DEVICE": device, "POSTTRAIN_STAGE": stage}
     os.environ.update(environment)
     # The staging folder stays after a failure for diagnosis (contract results, rejected rows, partial
     # logs); without a manifest and under a .tmp- name it never counts as an artifact.
-    if launcher is not None and launcher.kind == "subprocess":
-        draft = _run_subprocess(module_name, section, inputs, staging, launcher, environment)
-    else:
-        from posttrain.training import set_threads
+    try:
+        if launcher is not None and launcher.kind == "subprocess":
+            draft = _run_subprocess(module_name, section, inputs, staging, launcher, environment)
+        else:
+            from posttrain.training import set_threads
 
-        set_threads(threads)
-        loaded = importlib.import_module(module) if isinstance(module, str) else module
-        draft = loaded.run(section, inputs, staging)
+            set_threads(threads)
+            loaded = importlib.import_module(module) if isinstance(module, str) else module
+            draft = loaded.run(section, inputs, staging)
+    except Exception as exc:
+        if disk_full(exc) or (launcher is not None and disk_full_after(staging)):
+            raise _disk_full_error(stage, staging) from exc
+        raise
     seconds = time.perf_counter() - started
     manifest_fields = {
         "config": key.parts["config"],
@@ -151,5 +201,10 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
         "seconds": round(seconds, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    artifact = store.publish(stage, key.fingerprint, draft, manifest_fields)
+    try:
+        artifact = store.publish(stage, key.fingerprint, draft, manifest_fields)
+    except OSError as exc:  # the manifest is written last: without it the folder never counts
+        if disk_full(exc):
+            raise _disk_full_error(stage, staging) from exc
+        raise
     return StageOutcome(artifact, False, seconds)

@@ -37,6 +37,7 @@ import torch
 from safetensors.numpy import save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from posttrain import failpoints
 from posttrain import metrics as m
 from posttrain.artifacts import Artifact
 from posttrain.benchmarks import BenchmarkTask, extract_answer
@@ -91,6 +92,7 @@ def generate(model, chat: ChatFormat, records: list[dict], config: EvaluateConfi
     per_batch = max(1, config.batch_size // config.samples) if sample else config.batch_size
     out = []
     for start in range(0, len(records), per_batch):
+        failpoints.reach("generate")
         ids = chat.prompt_ids(records[start : start + per_batch])
         width = max(len(row) for row in ids)
         input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids], device=device)

@@ -32,6 +32,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from data_contracts import check_instruction_rows
+from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
 from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, record_messages
@@ -122,7 +123,9 @@ class PlainLossSFTTrainer(SFTTrainer):
         from transformers import Trainer
 
         inputs["use_cache"] = False  # as TRL does; a cache would also hide packed rows from the mask
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        failpoints.reach("train-step")
+        return loss
 
 
 def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int]:

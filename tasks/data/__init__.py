@@ -46,6 +46,7 @@ import numpy as np
 
 from data_contracts import ContractRun, ContractViolation
 from data_contracts.frames import CleanFrameBuilder, dedup_key, key_digest
+from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import DataConfig
 from posttrain.formatting import ChatFormat
@@ -162,6 +163,7 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
     tally, clusters = [], []
 
     def timed(phase: str, step, *args):
+        failpoints.reach("phase")
         clock = time.perf_counter()
         result = step(*args)
         seconds[phase] += time.perf_counter() - clock

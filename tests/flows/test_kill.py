@@ -7,55 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from posttrain.watchdog import MARKER, process_start_time
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "posttrain.cli", *args]
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def carries_marker_of(pid: int) -> list[int]:
-    needle = f"\0{MARKER}={pid}-".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in b"\0" + (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from posttrain.watchdog import process_start_time
+from tests.kill_harness import REPO, carries_marker_of, children, cli, listening_sockets, wait_for
 
 
 @pytest.mark.slow
@@ -79,6 +36,9 @@ def test_kill_9_mid_stage_leaves_no_process_and_a_failed_run(tmp_path):
     record = wait_for(data_running, 240, "the data stage to start")
     started = [pid for pid in children(run.pid) if process_start_time(pid)]
     assert started, "the run has child processes (Prefect's server, the watchdog)"
+    # Servers bind the loopback only: Prefect's API server is the one the run starts.
+    listening = wait_for(lambda: listening_sockets([run.pid, *started]), 30, "the run's API server to listen")
+    assert all(address.startswith("127.0.0.1:") for address in listening), listening
     run.send_signal(signal.SIGKILL)
     run.wait()
     # Everything the run started is stopped by the watchdog (SIGTERM, SIGKILL after 5 s), which then exits.
