@@ -33,14 +33,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from posttrain.env import configure_environment
+from posttrain.env import configure_environment  # noqa: E402 (after sys.path and the environment are set)
 
 configure_environment()
 
-from flows.plan import plan
-from posttrain.artifacts import Artifact, Store
-from posttrain.config import load_config
-from posttrain.runner import execute_stage
+from flows.plan import needs_candidate, plan  # noqa: E402 (after sys.path and the environment are set)
+from posttrain.artifacts import Artifact, Store  # noqa: E402 (after sys.path and the environment are set)
+from posttrain.config import load_config  # noqa: E402 (after sys.path and the environment are set)
+from posttrain.runner import execute_stage  # noqa: E402 (after sys.path and the environment are set)
 
 PREPARED = "prepared.json"
 
@@ -198,7 +198,7 @@ def train(args) -> None:
     for step in plan(cfg):
         if step.name not in ("base", "benchmarks", "data"):
             stage(step.name, step.module, step.section, dict(step.inputs))
-    if cfg.quantize.source == "candidate" and "report" not in report["stages"]:
+    if needs_candidate(cfg) and "report" not in report["stages"]:
         from posttrain.report import choose_candidate
 
         scored = {name.removeprefix("evaluate-"): json.loads((artifacts[name].path / "results.json").read_text()) for name in artifacts if name.startswith("evaluate-")}

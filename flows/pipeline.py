@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.context import get_run_context
 from rich.console import Console
 
-from flows.plan import Step, plan, upstream
+from flows.plan import Step, needs_candidate, plan, upstream
 from posttrain import failpoints
 from posttrain.artifacts import Artifact, Store
 from posttrain.config import PipelineConfig
@@ -39,11 +39,14 @@ def _stage_cache_key(context, parameters: dict) -> str:
 
 
 @task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
-def stage_task(stage: str, key, module_name: str, section, input_paths: dict[str, str], root: str, seed: int, launcher, threads: int, device: str, run_id: str) -> dict:
+def stage_task(
+    stage: str, key, module_name: str, section, input_paths: dict[str, str], root: str, seed: int, launcher, threads: int, device: str, run_id: str,
+    force: bool = False,
+) -> dict:
     """Build (or find in the store) one stage's artifact; returns where it is (relative to the store root) and who built it."""
     store = Store(Path(root))
     inputs = {name: Artifact.load(store.root / path) for name, path in input_paths.items()}
-    outcome = execute_stage(stage, module_name, section, inputs, store, seed, launcher, threads, device, run_id, key)
+    outcome = execute_stage(stage, module_name, section, inputs, store, seed, launcher, threads, device, run_id, key, force)
     return {
         "path": outcome.artifact.manifest["path"],
         "built_by_flow_run": str(get_run_context().task_run.flow_run_id),
@@ -55,7 +58,9 @@ def stage_task(stage: str, key, module_name: str, section, input_paths: dict[str
 class PipelineRun:
     """The state one flow run carries: store, run record, MLflow tracking, artifacts by stage."""
 
-    def __init__(self, cfg: PipelineConfig, record: RunRecord, tracking: PipelineTracking, flow_run_id: str):
+    def __init__(self, cfg: PipelineConfig, record: RunRecord, tracking: PipelineTracking, flow_run_id: str, force_from: str | None = None):
+        self.force_from = force_from  # `posttrain rerun --from`: this stage and everything downstream are rebuilt
+        self.forced: set[str] = set()
         self.cfg = cfg
         self.root = Path(cfg.store_root).resolve()
         self.store = Store(self.root)
@@ -66,6 +71,9 @@ class PipelineRun:
 
     def stage(self, step: Step) -> Artifact:
         input_artifacts = {name: self.artifacts[source] for name, source in step.inputs.items()}
+        if step.name == self.force_from or set(step.inputs.values()) & self.forced:
+            self.forced.add(step.name)
+        force = step.name in self.forced
         started_wall, started = time.time(), time.perf_counter()
         self.record.stage_started(step.name, None)
         try:
@@ -73,7 +81,7 @@ class PipelineRun:
             console.print(f"[bold]▶ {step.name}[/] [dim]{key.fingerprint}[/]")
             self.record.stage_finished(step.name, {"fingerprint": key.fingerprint})
             in_store = self.store.lookup(step.name, key.fingerprint) is not None
-            result = stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=not in_store)(
+            result = stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=force or not in_store)(
                 stage=step.name,
                 key=key,
                 module_name=step.module,
@@ -85,6 +93,7 @@ class PipelineRun:
                 threads=self.cfg.runtime.threads,
                 device=self.cfg.runtime.device,
                 run_id=self.record.run_id,
+                force=force,
             )
         except BaseException as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -181,16 +190,20 @@ def _record_gate(run: PipelineRun, candidate: str, score: float, champion_score:
 
 
 @flow(name="posttrain", log_prints=False, persist_result=False)
-def pipeline(cfg: PipelineConfig, record_path: str, config_text: str, until: str | None = None) -> dict:
-    """The whole plan, then the gate; with `until`, only that stage and what it depends on (no gate)."""
+def pipeline(
+    cfg: PipelineConfig, record_path: str, config_text: str, until: str | None = None, resume_parent: str | None = None, force_from: str | None = None
+) -> dict:
+    """The whole plan, then the gate; with `until`, only that stage and what it depends on (no gate).
+    `resume_parent`: continue a failed run under its MLflow parent run (`posttrain resume`);
+    `force_from`: rebuild that stage and everything downstream of it (`posttrain rerun --from`)."""
     record = RunRecord.load(Path(record_path))
     flow_run_id = str(get_run_context().flow_run.id)
     record.update(prefect_flow_run_id=flow_run_id)
     params = {"config_path": record.data["config_path"], "run_name": cfg.run_name, "run_id": record.run_id, "seed": cfg.seed, "store_root": cfg.store_root}
     root = Path(cfg.store_root).resolve()
-    with PipelineTracking(cfg.tracking, root, record.run_id, cfg.run_name, config_text, params) as tracking:
+    with PipelineTracking(cfg.tracking, root, record.run_id, cfg.run_name, config_text, params, resume_parent) as tracking:
         record.update(mlflow_parent_run_id=tracking.parent_run_id)
-        run = PipelineRun(cfg, record, tracking, flow_run_id)
+        run = PipelineRun(cfg, record, tracking, flow_run_id, force_from)
         try:
             steps = plan(cfg)
             if until is not None:
@@ -199,7 +212,7 @@ def pipeline(cfg: PipelineConfig, record_path: str, config_text: str, until: str
                 steps = [step for step in steps if step.name in needed]
             for step in steps:
                 run.stage(step)
-            if until is None and cfg.quantize.source == "candidate":
+            if until is None and needs_candidate(cfg):
                 # Quantize what the gate will consider: the best model so far, then score its variants.
                 candidate = choose_candidate(evaluation_results(run), cfg.gate.candidate, cfg.gate.eligible, cfg.gate.primary_metric)
                 for step in plan(cfg, candidate):

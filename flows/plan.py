@@ -7,9 +7,10 @@
     bench ─┘          │         ├─▶ align-dpo              (sft, data: no reward input)
                       │         ├─▶ align-ppo              (sft, reward, data)
                       │         ├─▶ align-grpo             (sft, data; reward when a reward_model term is configured)
-                      │         └─▶ distill                (teacher by config)
+                      │         └─▶ distill                (teacher by config: sft, base, align-*)
     each model (base, sft, align-*, student) ─▶ evaluate-<model>   (benchmarks, data, reward)
       ─▶ candidate (flows) ─▶ quantize (source by config, or the candidate) ─▶ evaluate-quantize-<m>
+                           ─▶ distill + evaluate-student, when `distill.teacher: candidate`
       ─▶ report (every evaluate-*: one table, comparisons, charts) ─▶ gate (flows: `champion`)
 
 Wiring only, and no Prefect, MLflow or stage imports: the flow (flows/pipeline.py) runs these
@@ -51,8 +52,9 @@ def _with_seed(section, seed: int):
 
 
 def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
-    """The run's steps. With `quantize.source: candidate` and no `candidate` yet, the steps up to
-    the per-model evaluations; with it, every step."""
+    """The run's steps. With `quantize.source: candidate` or `distill.teacher: candidate` and no
+    `candidate` yet, the steps up to the per-model evaluations (without the student's, when the
+    candidate teaches it); with it, every step."""
     instruction = (DatasetRef("instruction-train", "data", "instruction/train.jsonl", "training"),)
     preference = (DatasetRef("preference-train", "data", "preference/train.jsonl", "training"),)
     steps = [
@@ -83,23 +85,33 @@ def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
         grpo_inputs = {"sft": "sft", "data": "data", **({"reward": "reward"} if learned else {})}
         steps.append(Step("align-grpo", "tasks.align.grpo", grpo, grpo_inputs, grpo.launcher, prompts, True, "align-grpo"))
         aligned.append("align-grpo")
-    steps.append(
-        Step(
-            "distill", "tasks.distill", _with_seed(cfg.distill, cfg.seed), {"teacher": cfg.distill.teacher, "data": "data"},
-            cfg.distill.launcher, instruction, True, "student",
-        )
-    )
     # Each model is scored by its own stage, so one changed branch re-scores only itself.
-    models = {"base": "base", "sft": "sft", **{name: name for name in aligned}, "student": "distill"}
+    models = {"base": "base", "sft": "sft", **{name: name for name in aligned}}
+
+    def distill(teacher: str) -> Step:
+        section = _with_seed(cfg.distill, cfg.seed)
+        return Step("distill", "tasks.distill", section, {"teacher": teacher, "data": "data"}, section.launcher, instruction, True, "student")
+
+    if cfg.distill.teacher != "candidate":
+        steps.append(distill(cfg.distill.teacher))  # sft, base and align-* are both the model and its stage
+        models["student"] = "distill"
     evaluate = _with_seed(cfg.evaluate, cfg.seed)
     benchmark_files = tuple(DatasetRef(f"{name}-benchmark", "benchmarks", f"{name}.jsonl", "evaluation") for name in cfg.benchmarks.tasks)
     scoring = {"benchmarks": "benchmarks", "data": "data", "reward": "reward"}
     for model, stage in models.items():
         steps.append(Step(f"evaluate-{model}", "tasks.evaluate", evaluate, {**scoring, "model": stage}, datasets=benchmark_files))
+    if needs_candidate(cfg) and candidate is None:
+        return steps  # the flow picks the candidate from the evaluations above, then asks again
+    # The candidate is chosen among the models scored so far; a student it teaches comes after it,
+    # so the report may not pick that student (the gate's candidate stays the teacher's model).
+    eligible = cfg.gate.eligible
+    if cfg.distill.teacher == "candidate":
+        eligible = eligible or [model for model in models if model != "base"]
+        steps.append(distill(models[candidate]))
+        models["student"] = "distill"
+        steps.append(Step("evaluate-student", "tasks.evaluate", evaluate, {**scoring, "model": "distill"}, datasets=benchmark_files))
     source = {"student": "distill"}.get(cfg.quantize.source, cfg.quantize.source)
     if cfg.quantize.source == "candidate":
-        if candidate is None:
-            return steps  # the flow picks the candidate from the evaluations above, then asks again
         source = models[candidate]
     steps.append(Step("quantize", "tasks.quantize", cfg.quantize, {"source": source, "data": "data"}, log_model=True, model="quantize"))
     for method in cfg.quantize.methods:
@@ -111,12 +123,17 @@ def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
         target_tasks=cfg.align.target_skills,
         base_is_random=cfg.model.name_or_path is None,
         candidate=cfg.gate.candidate,
-        eligible=cfg.gate.eligible,
+        eligible=eligible,
         primary_metric=cfg.gate.primary_metric,
         ks=cfg.evaluate.ks,
     )
     steps.append(Step("report", "tasks.report", report, {"benchmarks": "benchmarks", "reward": "reward", **{m: f"evaluate-{m}" for m in models}}))
     return steps
+
+
+def needs_candidate(cfg: PipelineConfig) -> bool:
+    """Whether some steps wait for the gate's candidate (`quantize.source` or `distill.teacher`)."""
+    return cfg.quantize.source == "candidate" or cfg.distill.teacher == "candidate"
 
 
 def downstream(steps: list[Step], start: str) -> list[str]:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,20 +164,30 @@ class Store:
         return [Artifact.load(path.parent) for path in sorted((self.root / "store").glob(pattern))]
 
     @contextmanager
-    def build_lock(self, stage: str, fingerprint: str):
+    def build_lock(self, stage: str, fingerprint: str, wait: bool = True):
         """Held while one process builds `stage` at `fingerprint`: a second run of the same work on
         this store waits here, then finds the artifact published. An flock, so the kernel releases
-        it when its holder dies, however it dies."""
+        it when its holder dies, however it dies. Yields whether it holds the lock: with `wait`
+        False (`posttrain gc`), False at once when someone is building."""
         import fcntl
 
         folder = self.root / "locks" / stage  # beside store/, which holds only artifacts and staging folders
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / f"{fingerprint}.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def checkpoint_dir(self, stage: str, fingerprint: str) -> Path:
+        """Where a training stage keeps its checkpoints while it builds `fingerprint` (outside
+        `store/`: never an artifact, and removed once the stage is published)."""
+        return self.root / "checkpoints" / stage / fingerprint
 
     def staging_dir(self, stage: str, fingerprint: str) -> Path:
         """A fresh staging folder. Called under build_lock, so any other staging folder of this
@@ -191,8 +202,11 @@ class Store:
         folder.mkdir(parents=True)
         return folder
 
-    def publish(self, stage: str, fingerprint: str, staged: Artifact, manifest_fields: dict) -> Artifact:
-        """Write the manifest last, then rename the staged folder into place."""
+    def publish(self, stage: str, fingerprint: str, staged: Artifact, manifest_fields: dict, replace: bool = False) -> Artifact:
+        """Write the manifest last, then rename the staged folder into place. `replace` (a forced
+        rebuild, `posttrain rerun --from`): a published folder of the same fingerprint with other
+        bytes is moved to `<root>/replaced/<stage>/` (out of the store; `posttrain gc` removes it) and the new build
+        takes its place; with the same bytes, the published folder stays and the new one is dropped."""
         final = self.final_dir(stage, fingerprint)
         files = file_records(staged.path)
         manifest = {
@@ -204,6 +218,10 @@ class Store:
             "path": final.relative_to(self.root).as_posix(),
             "files": files,
         }
+        if replace and (final / MANIFEST).is_file() and Artifact.load(final).digest != manifest["digest"]:
+            aside = self.root / "replaced" / stage / f"{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            final.rename(aside)
         if (final / MANIFEST).is_file():
             # Published meanwhile by a process that did not share our lock (another host on a
             # shared folder): a finished folder is never moved; ours is the same work, dropped.

@@ -2,6 +2,12 @@
 
     posttrain run configs/demo.yaml
     posttrain run configs/demo.yaml --set evaluate.max_new_tokens=16   # re-runs only evaluate
+    posttrain resume RUN                   # continue a failed or killed run; training from its last checkpoint
+    posttrain rerun RUN --from sft         # that run's config again, rebuilding sft and everything after it
+    posttrain schedule configs/demo.yaml --cron "0 3 * * 1"   # a Prefect deployment (PREFECT_API_URL)
+    posttrain worker --pool posttrain      # runs the deployment's due runs
+    posttrain lineage champion             # source files -> data -> sft -> ... -> the champion, with MLflow runs
+    posttrain gc --dry-run                 # what removing unused store folders would free (gc: remove them)
     posttrain runs                         # every run under ./artifacts, oldest first
     posttrain status                       # the latest run; exits 1 if it failed
     posttrain status demo --json           # the newest run named demo (or a run id), as JSON
@@ -26,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from posttrain import watchdog
+from posttrain import notify, watchdog
 from posttrain.config import ConfigError, load_config
 from posttrain.env import configure_environment
 
@@ -126,32 +132,92 @@ def _start_prefect_server(root: Path) -> None:
         SubprocessASGIServer().start()  # the flow's client finds it running (a per-process singleton)
 
 
+def _check_stage_name(cfg, stage: str, option: str) -> None:
+    from flows.plan import plan
+
+    # Any candidate will do: the names of the steps after the gate's choice do not depend on it.
+    names = [step.name for step in plan(cfg, candidate=cfg.gate.candidate if cfg.gate.candidate != "best" else "sft")]
+    if stage not in names:
+        raise ConfigError(f"{option} {stage}: not a stage of this run (stages: {', '.join(names)})")
+    if option == "--until" and stage not in {step.name for step in plan(cfg)}:
+        raise ConfigError(f"--until {stage}: it is planned after the gate's candidate is chosen (a `candidate` source or teacher); run the whole pipeline")
+
+
 def command_run(args) -> int:
-    from posttrain.runs import RunRecord, mark_dead_runs_failed
+    from posttrain.runs import RunRecord
 
     cfg = load_config(args.config, args.set)
     cfg.check_outside_paths(str(args.config))
     if args.until is not None:
-        from flows.plan import plan
-
-        names = [step.name for step in plan(cfg)]
-        if args.until not in names:
-            raise ConfigError(f"--until {args.until}: not a stage of this run (stages: {', '.join(names)})")
+        _check_stage_name(cfg, args.until, "--until")
     root = Path(cfg.store_root).resolve()
     _prepare_environment(root)
     config_text = Path(args.config).read_text()
     record = RunRecord.start(root, cfg, str(args.config), args.set, config_text)
+    logged_text = config_text + "".join(f"\n# --set {item}" for item in args.set)
+    return _run_pipeline(cfg, record, logged_text, args.until)
+
+
+def _recorded_run(root: Path, run: str) -> tuple[dict, object, str]:
+    """A run's record and the config it ran with (resolved, as recorded; its store is `root`)."""
+    import yaml
+
+    from posttrain.config import PipelineConfig
+    from posttrain.runs import find_run
+
+    record = find_run(root, run)
+    if record is None:
+        raise ConfigError(f"{run}: no such run under {root / 'runs'}")
+    cfg = PipelineConfig.model_validate({**record["config"], "store_root": str(root)})
+    return record, cfg, yaml.safe_dump(record["config"], sort_keys=False)
+
+
+def command_resume(args) -> int:
+    """Continue a failed or killed run: same run id and record, same MLflow parent run; finished
+    stages come from the store, a training stage from its last checkpoint, the rest is built."""
+    from posttrain.runs import RunRecord
+
+    root = Path(args.root).resolve()
+    found, cfg, config_text = _recorded_run(root, args.run)
+    if found["status"] == "succeeded":
+        raise ConfigError(f"{found['run_id']}: succeeded; nothing to resume (posttrain rerun {found['run_id']} --from STAGE rebuilds)")
+    if found["status"] == "running":
+        raise ConfigError(f"{found['run_id']}: still running (pid {found.get('pid')} on {found.get('host')}); resume a failed or killed run")
+    _prepare_environment(root)
+    record = RunRecord.load(root / "runs" / found["run_id"] / "run.json")
+    record.reopen()
+    console.print(f"resuming run {record.run_id} (failed: {record.data['resumes'][-1]['previous_error']})")
+    return _run_pipeline(cfg, record, config_text, found.get("until"), resume_parent=found.get("mlflow_parent_run_id"))
+
+
+def command_rerun(args) -> int:
+    """A new run of a recorded run's config that rebuilds STAGE and everything downstream of it,
+    keeping what is upstream."""
+    from posttrain.runs import RunRecord
+
+    root = Path(args.root).resolve()
+    found, cfg, config_text = _recorded_run(root, args.run)
+    _check_stage_name(cfg, args.from_stage, "--from")
+    _prepare_environment(root)
+    record = RunRecord.start(root, cfg, found["config_path"], found.get("overrides", []), config_text)
+    record.update(rerun_of=found["run_id"], rerun_from=args.from_stage)
+    return _run_pipeline(cfg, record, config_text, found.get("until"), force_from=args.from_stage)
+
+
+def _run_pipeline(cfg, record, config_text: str, until: str | None, resume_parent: str | None = None, force_from: str | None = None) -> int:
+    from posttrain.runs import RunRecord, mark_dead_runs_failed
+
+    root = Path(cfg.store_root).resolve()
     watchdog.start(record.path)  # before anything starts a process: none may outlive this one
     mark_dead_runs_failed(root)
     log_path = _setup_log(root, record.run_id)
-    logged_text = config_text + "".join(f"\n# --set {item}" for item in args.set)
     try:
         # No transformers import here: a run that is all cache hits never loads it (its progress
         # bars are off through HF_HUB_DISABLE_PROGRESS_BARS, posttrain.env).
         from flows.pipeline import pipeline
 
         _start_prefect_server(root)
-        final = pipeline(cfg, str(record.path), logged_text, args.until)
+        final = pipeline(cfg, str(record.path), config_text, until, resume_parent, force_from)
     except KeyboardInterrupt:
         errors.print("posttrain: interrupted; finished stages are kept in the store")
         return 130
@@ -161,12 +227,129 @@ def command_run(args) -> int:
         latest = RunRecord.load(record.path)  # the flow may have written stages since
         if latest.data.get("status") == "running":  # failed before the flow could say so (e.g. no tracking server)
             latest.mark_failed(first_line)
+        notify.after_run(latest.data, first_line)
         errors.print(f"[red]error:[/] {first_line}  [dim](trace: {log_path})[/]")
         return 1
+    notify.after_run(final)
     print_stage_table(final)
     print_results(final, root)
     hits = sum(1 for info in final["stages"].values() if info.get("cache_hit"))
     console.print(f"run {final['run_id']}: {hits}/{len(final['stages'])} stages from cache. MLflow: mlflow ui --backend-store-uri {cfg.tracking.uri or 'sqlite:///' + str(root / 'mlflow.db')}")
+    return 0
+
+
+def _prefect_server_url() -> str:
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise ConfigError("scheduling needs a Prefect server: start one (prefect server start --host 127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def command_schedule(args) -> int:
+    """A Prefect deployment of flows/deployment.py on a process work pool, on a cron schedule, with
+    at most one run at a time (a run still going when the next is due makes that one wait)."""
+    cfg = load_config(args.config, args.set)  # refused here, in one line, rather than at 03:00
+    cfg.check_outside_paths(str(args.config))
+    _prefect_server_url()
+    configure_environment()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.deployment import scheduled_pipeline
+    from posttrain.runner import REPO_ROOT
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=args.pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    name = args.name or Path(args.config).stem
+    source = scheduled_pipeline.from_source(source=str(REPO_ROOT), entrypoint="flows/deployment.py:scheduled_pipeline")
+    deployment_id = source.deploy(
+        name=name,
+        work_pool_name=args.pool,
+        cron=args.cron,
+        parameters={"config_path": str(Path(args.config).resolve()), "overrides": list(args.set)},
+        concurrency_limit=1,
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )
+    console.print(f"deployment posttrain-scheduled/{name} ({deployment_id}) on pool {args.pool}, cron {args.cron!r}, one run at a time")
+    console.print(f"runs start when a worker serves the pool: posttrain worker --pool {args.pool}")
+    return 0
+
+
+def command_worker(args) -> int:
+    """`prefect worker start` on the pool: polls the server and runs each due flow run in its own process."""
+    _prefect_server_url()
+    prefect = Path(sys.executable).parent / "prefect"
+    command = [str(prefect) if prefect.exists() else "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+    if args.run_once:
+        command.append("--run-once")
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
+def command_lineage(args) -> int:
+    from posttrain import lineage
+    from posttrain.runs import list_runs
+    from posttrain.tracking import default_tracking_uri
+
+    root = Path(args.root).resolve()
+    records = list_runs(root)
+    tracking = records[-1]["config"].get("tracking", {}) if records else {}
+    uri = tracking.get("uri") or default_tracking_uri(root)
+    registered = tracking.get("registered_model") or (records[-1]["run_name"] if records else None)
+    try:
+        path = lineage.resolve(root, args.target, tracking.get("uri"), registered)
+        chain = lineage.lineage(root, path)
+    except lineage.LineageError as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        return 1
+    experiment_id = lineage.attach_mlflow_runs(chain, uri, tracking.get("experiment", "posttrain")) if tracking.get("enabled", True) else None
+    if args.json:
+        print(json.dumps([{"stage": link.stage, "path": link.path, "mlflow_run": link.mlflow_run, "manifest": {k: v for k, v in link.manifest.items() if k != "files"}} for link in chain], indent=2, default=str))
+        return 0
+    web = uri.startswith(("http://", "https://"))
+    console.print(f"lineage of {path} ({len(chain)} artifacts, sources first)", highlight=False)
+    console.print(lineage.render(chain, (lambda run: f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run}") if web else None), highlight=False, markup=False)
+    if not web and any(link.mlflow_run for link in chain):
+        console.print(f"MLflow runs above: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", markup=False)
+    return 0
+
+
+def command_gc(args) -> int:
+    from posttrain import gc
+    from posttrain.runs import list_runs
+
+    root = Path(args.root).resolve()
+    if not (root / "store").is_dir():
+        errors.print(f"[red]error:[/] {root}: no store here (no {root / 'store'})")
+        return 1
+    # Registered versions live where the runs logged them: the newest run's tracking server, under
+    # each registered model name the runs used.
+    records = list_runs(root)
+    tracking = records[-1]["config"].get("tracking", {}) if records else {}
+    registered: dict[str, str] = {}
+    if tracking.get("enabled", True):
+        for name in sorted({record["config"].get("tracking", {}).get("registered_model") or record["run_name"] for record in records}):
+            registered.update(gc.registered_paths(root, tracking.get("uri"), name))
+    plan = gc.collect(root, args.keep_runs, registered)
+    table = Table(title=f"{'would remove' if args.dry_run else 'removing'} under {root}")
+    for column in ("path", "MB", "why"):
+        table.add_column(column)
+    for removal in plan.removals:
+        table.add_row(str(removal.path.relative_to(root)), f"{removal.bytes / 1e6:.2f}", removal.why)
+    if plan.removals:
+        console.print(table)
+    kept = len([path for path in plan.kept if (root / path / "manifest.json").is_file()])
+    if args.dry_run:
+        console.print(f"would free {plan.bytes / 1e6:.1f} MB in {len(plan.removals)} folders; {kept} published folders kept (--keep-runs {args.keep_runs})")
+        return 0
+    done = gc.apply(plan)
+    console.print(f"freed {sum(removal.bytes for removal in done) / 1e6:.1f} MB in {len(done)} folders; {kept} published folders kept (--keep-runs {args.keep_runs})")
     return 0
 
 
@@ -270,6 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("config")
     run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. sft.lr=1e-4")
     run_parser.add_argument("--until", metavar="STAGE", help="run only STAGE and the stages it depends on, e.g. --until data (no gate)")
+    resume_parser = commands.add_parser("resume", help="continue a failed or killed run (same run, same MLflow parent; training from its last checkpoint)")
+    resume_parser.add_argument("run", help="a run id or a run name (its newest run)")
+    rerun_parser = commands.add_parser("rerun", help="run a recorded run's config again, rebuilding one stage and everything downstream")
+    rerun_parser.add_argument("run", help="a run id or a run name (its newest run)")
+    rerun_parser.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="the first stage to rebuild, e.g. sft")
+    schedule_parser = commands.add_parser("schedule", help="a Prefect deployment that runs CONFIG on a cron schedule (needs PREFECT_API_URL)")
+    schedule_parser.add_argument("config")
+    schedule_parser.add_argument("--cron", required=True, help='e.g. "0 3 * * 1" (Mondays 03:00 UTC)')
+    schedule_parser.add_argument("--pool", default="posttrain", help="the process work pool its runs go to (created if missing)")
+    schedule_parser.add_argument("--name", help="the deployment's name; default: the config file's name")
+    schedule_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override every scheduled run gets")
+    worker_parser = commands.add_parser("worker", help="run the scheduled runs of a work pool (prefect worker start)")
+    worker_parser.add_argument("--pool", default="posttrain")
+    worker_parser.add_argument("--run-once", action="store_true", help="poll once, run what is due, then exit")
+    lineage_parser = commands.add_parser("lineage", help="the chain from source files to a model: data, each training stage, code, MLflow runs")
+    lineage_parser.add_argument("target", help="a registered version (champion, v3, name/3), a run id or name, or a store folder")
+    lineage_parser.add_argument("--json", action="store_true", help="the chain as JSON (manifests without file lists)")
+    gc_parser = commands.add_parser("gc", help="remove store folders no kept run, registered version or champion uses")
+    gc_parser.add_argument("--keep-runs", type=int, default=5, metavar="N", help="keep every folder the newest N finished runs used (default 5)")
+    gc_parser.add_argument("--dry-run", action="store_true", help="say what would be removed and how much it would free")
     runs_parser = commands.add_parser("runs", help="list the runs recorded under the store root")
     status_parser = commands.add_parser("status", help="stages, states, cache hits and key metrics of a run")
     status_parser.add_argument("run", nargs="?", help="a run id or a run name (its newest run); default: the newest run")
@@ -280,10 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     promote_parser.add_argument("run", help="a run id or a run name (its newest run)")
     promote_parser.add_argument("--model", required=True, help="sft, align-dpo, student, quantize-nf4, ...")
     promote_parser.add_argument("--reason", help="recorded on the version")
-    for sub in (runs_parser, status_parser, verify_parser, promote_parser):
+    for sub in (resume_parser, rerun_parser, lineage_parser, gc_parser, runs_parser, status_parser, verify_parser, promote_parser):
         sub.add_argument("--root", default="artifacts", help="the store root (store_root in the config)")
     args = parser.parse_args(argv)
-    commands_by_name = {"run": command_run, "runs": command_runs, "status": command_status, "verify": command_verify, "promote": command_promote}
+    commands_by_name = {"run": command_run, "resume": command_resume, "rerun": command_rerun, "gc": command_gc, "lineage": command_lineage, "schedule": command_schedule, "worker": command_worker, "runs": command_runs, "status": command_status, "verify": command_verify, "promote": command_promote}
     try:
         return commands_by_name[args.command](args)
     except ConfigError as exc:

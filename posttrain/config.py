@@ -68,11 +68,25 @@ class TrackingConfig(Section):
 
 
 class LauncherConfig(Section):
-    """How a training stage is executed: inside the flow's process, or as `python -m tasks.<stage>`."""
+    """How a training stage is executed: inside the flow's process, as `python -m tasks.<stage>`, or
+    as one process per device with DDP (posttrain.runner.launch_command)."""
 
-    kind: Literal["inprocess", "subprocess"] = "inprocess"
+    kind: Literal["auto", "inprocess", "subprocess", "distributed"] = Field(
+        "auto", description="auto: distributed over the visible CUDA devices when there are several (sft), else in-process; "
+        "distributed: `accelerate launch --multi_gpu` on GPUs, torch.distributed.run with gloo on CPUs",
+    )
     # Prefix for the subprocess command, e.g. ["accelerate", "launch", "--num_processes", "8"].
     command: list[str] = Field(default_factory=lambda: ["python"])
+    processes: int | None = Field(None, ge=1, description="distributed: how many processes; null: one per visible CUDA device")
+
+
+def checkpoint_field() -> int:
+    # Not in the key: a resumed run gives the same bytes as an uninterrupted one (tests/flows/test_resume.py).
+    return Field(
+        200, ge=0, json_schema_extra=NOT_IN_KEY,
+        description="save weights, optimizer, scheduler, RNG and step every N optimizer steps under "
+        "<store_root>/checkpoints/<stage>/<fingerprint>; a later run of the same work resumes from the newest; 0: off",
+    )
 
 
 def launcher_field() -> LauncherConfig:
@@ -346,8 +360,11 @@ class SftConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     max_steps: int = Field(2500, ge=1, description="optimizer steps; ignored when `epochs` is given")
     epochs: float | None = Field(None, gt=0, description="passes over the training rows; the steps follow from the data size and the global batch")
-    batch_size: int = Field(64, ge=1, description="rows per device per forward (the micro-batch)")
-    global_batch: int | None = Field(None, ge=1, description="rows per optimizer step; gradient accumulation = global_batch / (batch_size x devices)")
+    batch_size: int = Field(64, ge=1, description="rows per device per forward (the micro-batch; on several devices it shrinks to fit the global batch)")
+    global_batch: int | None = Field(
+        None, ge=1, description="rows per optimizer step, the same on any number of devices; null: batch_size x grad_accum. "
+        "Gradient accumulation = global_batch / (micro-batch x devices)",
+    )
     grad_accum: int = Field(1, ge=1, description="used when global_batch is not given")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
@@ -360,6 +377,7 @@ class SftConfig(Section):
     )
     train_on: Literal["all", "last"] = Field("all", description="assistant turns the loss covers in a multi-turn chat")
     eval_rows: int = Field(512, ge=0, description="eval-split rows scored for eval loss at the end")
+    checkpoint_every: int = checkpoint_field()
     launcher: LauncherConfig = launcher_field()
 
 
@@ -374,6 +392,7 @@ class RewardConfig(Section):
     batch_size: int = Field(64, ge=1, description="preference pairs per step (2x sequences)")
     lr: float = Field(1e-3, gt=0)
     max_length: int = Field(96, ge=8, description="pairs longer than this (tokens) are dropped, not truncated")
+    checkpoint_every: int = checkpoint_field()
     launcher: LauncherConfig = launcher_field()
 
 
@@ -509,7 +528,12 @@ class StudentConfig(Section):
 
 class DistillConfig(Section):
     seed: int | None = Field(None, description="null: the pipeline's top-level seed")
-    teacher: Literal["sft", "base"] = Field("sft", description="which model of the run teaches")
+    teacher: Literal["sft", "base", "align-dpo", "align-ppo", "align-grpo", "candidate"] = Field(
+        "sft",
+        description="which model of the run teaches: sft, base, an aligned branch of align.methods, or candidate "
+        "(the gate's candidate: distill and evaluate-student then run after the per-model evaluations, and the "
+        "student is not eligible as the candidate)",
+    )
     student: StudentConfig = Field(default_factory=StudentConfig)
     max_steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -616,6 +640,20 @@ class PipelineConfig(Section):
                     f"data.sources: no source gives {role} rows, which {', '.join(stages)} read "
                     f"(add a source with format {' or '.join(formats[role])}, or `generate`)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _distill_teacher_is_a_model_of_the_run(self):
+        """An aligned teacher must be a branch this run trains; a candidate teacher is chosen before
+        the student exists, so the student (or a quantized variant, made later) cannot be it."""
+        teacher = self.distill.teacher
+        if teacher.startswith("align-") and teacher.removeprefix("align-") not in self.align.methods:
+            raise ValueError(f"distill.teacher: {teacher} is not a model of this run (align.methods: {', '.join(self.align.methods) or 'none'})")
+        if teacher == "candidate":
+            key, named = ("gate.candidate", [self.gate.candidate]) if self.gate.candidate != "best" else ("gate.eligible", self.gate.eligible or [])
+            late = [name for name in named if name == "student" or name.startswith("quantize-")]
+            if late:
+                raise ValueError(f"distill.teacher: candidate is chosen before {late[0]} exists, but {key} names it")
         return self
 
     def check_outside_paths(self, origin: str = "config") -> None:

@@ -9,7 +9,7 @@ is the one being built (`POSTTRAIN_STAGE`, set by posttrain.runner), or the one 
 
 The points, each where a crash has cost other trainers their work:
     data:phase        between two phases of the data stage (ingest, dedup, contracts, splits)
-    <stage>:train-step  inside a training step, after the forward pass and before the update
+    <stage>:train-step  inside a training step: gradients computed, weights not yet updated
     <stage>:save      inside a model save: the weights written, the tokenizer not yet
     <stage>:published the stage published to the store, its MLflow logging not yet done
     evaluate-*:generate  between two generation batches of an evaluation

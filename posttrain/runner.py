@@ -66,14 +66,12 @@ def git_state() -> dict:
         return {"commit": "unknown", "dirty": None}
 
 
-def _run_subprocess(
-    module_name: str, section, inputs: dict[str, Artifact], staging: Path, launcher: LauncherConfig, environment: dict
-) -> Artifact:
+def _run_subprocess(module_name: str, section, inputs: dict[str, Artifact], staging: Path, prefix: list[str], environment: dict) -> Artifact:
     config_file = staging.parent / f"{staging.name}.config.json"
     inputs_file = staging.parent / f"{staging.name}.inputs.json"
     config_file.write_text(json.dumps(section.model_dump(mode="json")))
     inputs_file.write_text(json.dumps({name: {"path": str(a.path), "manifest": a.manifest} for name, a in inputs.items()}, default=str))
-    command = [*launcher.command, "-m", module_name, "--config", str(config_file), "--inputs", str(inputs_file), "--out", str(staging)]
+    command = [*prefix, "-m", module_name, "--config", str(config_file), "--inputs", str(inputs_file), "--out", str(staging)]
     if command[0] == "python":
         command[0] = sys.executable
     try:
@@ -131,6 +129,44 @@ def _disk_full_error(stage: str, staging: Path) -> StageError:
     )
 
 
+DISTRIBUTED_STAGES = ("sft",)  # the stages whose global batch stays the same over any number of processes
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(stage: str, launcher: LauncherConfig | None) -> list[str] | None:
+    """The command prefix a stage runs under, or None to run it in this process.
+
+    `auto` (the default) runs in this process unless several CUDA devices are visible and the stage
+    trains with DDP; then, like `distributed`, one process per device: `accelerate launch
+    --multi_gpu` on GPUs, or `python -m torch.distributed.run` (gloo, on 127.0.0.1) on CPUs, where
+    accelerate would need mpirun. The world size never changes what is trained (the global batch is
+    fixed, tasks/sft.py training_schedule), so none of this is in the cache key."""
+    if launcher is None or launcher.kind == "inprocess":
+        return None
+    if launcher.kind == "subprocess":
+        return list(launcher.command)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if launcher.kind == "auto" and (gpus < 2 or stage not in DISTRIBUTED_STAGES):
+        return None
+    if stage not in DISTRIBUTED_STAGES:
+        raise StageError(f"{stage}.launcher.kind: distributed is supported for {', '.join(DISTRIBUTED_STAGES)} only; {stage} trains in one process")
+    processes = launcher.processes or gpus
+    if processes < 2:
+        raise StageError(f"{stage}.launcher: distributed needs launcher.processes >= 2 or several visible CUDA devices (found {gpus})")
+    if gpus >= 2:
+        accelerate = Path(sys.executable).parent / "accelerate"
+        return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+
+
 def compute_key(stage: str, module: str | ModuleType, section, inputs: dict[str, Artifact], store: Store) -> StageKey:
     return stage_key(stage, module, section, inputs, DigestMemo(store.digest_memo_path))
 
@@ -147,34 +183,40 @@ def execute_stage(
     device: str = "auto",
     run_id: str | None = None,
     key: StageKey | None = None,
+    force: bool = False,
 ) -> StageOutcome:
-    """`module` is a module name ("tasks.sft") or a module; `key` when the caller computed it."""
+    """`module` is a module name ("tasks.sft") or a module; `key` when the caller computed it.
+    `force` (`posttrain rerun --from`): build even when the store has it, and publish the new
+    build in its place (Store.publish `replace`)."""
     key = key or compute_key(stage, module, section, inputs, store)
-    cached = store.lookup(stage, key.fingerprint)
+    cached = None if force else store.lookup(stage, key.fingerprint)
     if cached is not None:
         return StageOutcome(cached, True, 0.0)
     with store.build_lock(stage, key.fingerprint):
         # A twin run on this store may have built it while this one waited for the lock.
-        cached = store.lookup(stage, key.fingerprint)
+        cached = None if force else store.lookup(stage, key.fingerprint)
         if cached is not None:
             return StageOutcome(cached, True, 0.0)
-        return _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key)
+        return _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key, force)
 
 
-def _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key) -> StageOutcome:
+def _build(stage, module, section, inputs, store, seed, launcher, threads, device, run_id, key, force=False) -> StageOutcome:
     module_name, _ = module_source(module)
     staging = store.staging_dir(stage, key.fingerprint)
     started = time.perf_counter()
     # Where models go and how many threads torch uses: read by posttrain.models.pick_device and
     # set in this process too, so an in-process stage sees the same settings as a subprocess one.
-    # POSTTRAIN_STAGE names the stage being built, for posttrain.failpoints.
-    environment = {"POSTTRAIN_THREADS": str(threads), "POSTTRAIN_DEVICE": device, "POSTTRAIN_STAGE": stage}
+    # POSTTRAIN_STAGE names the stage being built, for posttrain.failpoints; the checkpoint folder is
+    # keyed by the fingerprint, so only the same work resumes from it (posttrain.training.checkpointing).
+    checkpoints = store.checkpoint_dir(stage, key.fingerprint)
+    environment = {"POSTTRAIN_THREADS": str(threads), "POSTTRAIN_DEVICE": device, "POSTTRAIN_STAGE": stage, "POSTTRAIN_CHECKPOINT_DIR": str(checkpoints)}
     os.environ.update(environment)
     # The staging folder stays after a failure for diagnosis (contract results, rejected rows, partial
     # logs); without a manifest and under a .tmp- name it never counts as an artifact.
     try:
-        if launcher is not None and launcher.kind == "subprocess":
-            draft = _run_subprocess(module_name, section, inputs, staging, launcher, environment)
+        command = launch_command(stage, launcher)
+        if command is not None:
+            draft = _run_subprocess(module_name, section, inputs, staging, command, environment)
         else:
             from posttrain.training import set_threads
 
@@ -182,9 +224,12 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
             loaded = importlib.import_module(module) if isinstance(module, str) else module
             draft = loaded.run(section, inputs, staging)
     except Exception as exc:
-        if disk_full(exc) or (launcher is not None and disk_full_after(staging)):
+        if disk_full(exc) or disk_full_after(staging):
             raise _disk_full_error(stage, staging) from exc
         raise
+    finally:  # a stage called later in this process, directly, must not write into this one's folder
+        os.environ.pop("POSTTRAIN_CHECKPOINT_DIR", None)
+        os.environ.pop("POSTTRAIN_STAGE", None)
     seconds = time.perf_counter() - started
     manifest_fields = {
         "config": key.parts["config"],
@@ -202,9 +247,10 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        artifact = store.publish(stage, key.fingerprint, draft, manifest_fields)
+        artifact = store.publish(stage, key.fingerprint, draft, manifest_fields, replace=force)
     except OSError as exc:  # the manifest is written last: without it the folder never counts
         if disk_full(exc):
             raise _disk_full_error(stage, staging) from exc
         raise
+    shutil.rmtree(checkpoints, ignore_errors=True)  # published: nothing will resume from them
     return StageOutcome(artifact, False, seconds)

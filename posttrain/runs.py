@@ -90,6 +90,16 @@ class RunRecord:
         self.data["finished_at"] = now()
         self.save()
 
+    def reopen(self) -> None:
+        """`posttrain resume`: the same run goes on in this process; the failure it resumes from
+        is kept in `resumes`."""
+        self.data.setdefault("resumes", []).append(
+            {"at": now(), "pid": os.getpid(), "host": socket.gethostname(), "previous_error": self.data.pop("error", None)}
+        )
+        self.data.pop("finished_at", None)
+        self.data.update(status="running", pid=os.getpid(), pid_start=process_start_time(os.getpid()), host=socket.gethostname(), mlflow_closed=False)
+        self.save()
+
     def mark_failed(self, error: str) -> None:
         """Failed with `error`, and the stage in flight with it (a crash, a kill, a lost server)."""
         for info in self.data.get("stages", {}).values():

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from posttrain import failpoints
+
 
 def use_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -43,6 +45,61 @@ def trainer_defaults(out_dir: Path, seed: int) -> dict:
         "gradient_checkpointing": False,
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
+
+
+CHECKPOINT_DIR_ENV = "POSTTRAIN_CHECKPOINT_DIR"  # set by posttrain.runner: <store_root>/checkpoints/<stage>/<fingerprint>
+
+
+def checkpointing(every: int, logging_steps: int, max_steps: int) -> tuple[dict, str | None]:
+    """Trainer arguments that save a full checkpoint (weights, optimizer, scheduler, every RNG, the
+    step and so the data position) every `every` optimizer steps, and the newest complete checkpoint
+    to resume from (None: start fresh).
+
+    The folder is the one posttrain.runner names for this stage's fingerprint, so only the same work
+    ever resumes a checkpoint; the runner removes it once the stage is published. Without a runner
+    (the stage called directly) or with `every` 0, nothing is saved. A checkpoint counts once its
+    `trainer_state.json` exists: transformers writes that file last, so a save cut off by a crash
+    leaves a folder without it, which is removed. No checkpoint is taken at the last step (the stage
+    saves the model itself next; ProgressCallback), and one at or past `max_steps` is never resumed:
+    transformers, resumed there, trains one step more than planned. Everything is loaded back through safetensors or
+    `torch.load(weights_only=True)` (transformers' Trainer), never a full unpickle.
+
+    Checkpoints fall on logging steps (`every` rounded up to a multiple of `logging_steps`), so the
+    losses logged after a resume average the same windows as an uninterrupted run's: the setting is
+    not in the cache key, and loss_history.json, like the weights, is the same bytes either way."""
+    folder = os.environ.get(CHECKPOINT_DIR_ENV)
+    if not every or not folder:
+        return {}, None
+    import shutil
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    complete = []
+    for candidate in root.glob("checkpoint-*"):
+        step = int(candidate.name.rsplit("-", 1)[1])
+        if (candidate / "trainer_state.json").is_file() and step < max_steps:
+            complete.append((step, candidate))
+        else:
+            shutil.rmtree(candidate, ignore_errors=True)
+    latest = str(max(complete)[1]) if complete else None
+    arguments = {
+        "output_dir": str(root),
+        "save_strategy": "steps",
+        "save_steps": -(-every // logging_steps) * logging_steps,
+        "save_total_limit": 1,
+        "save_only_model": False,
+    }
+    return arguments, latest
+
+
+def resumed_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def logged_losses(trainer) -> list[tuple[int, float]]:
+    """(step, loss) at every logging step of the whole training, those before a resume included
+    (the trainer's state, restored from the checkpoint, carries them)."""
+    return [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
 
 
 def peak_rss_mb() -> float:
@@ -113,6 +170,15 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.meter = Throughput(self.stage, state.max_steps, self.print_every)
         self._last = (0, time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # transformers saves a checkpoint at the last step when saving by steps; the stage saves the
+        # model itself right after, and resuming from that checkpoint would train a step too many.
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        failpoints.reach("train-step")  # gradients computed, weights not yet updated: mid step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

@@ -1,7 +1,11 @@
-"""Distillation stage: train a smaller student on the teacher's (the run's SFT or base model) logits.
+"""Distillation stage: train a smaller student on a teacher's logits.
 
     run(DistillConfig(max_steps=1500), {"teacher": sft, "data": data}, out_dir)
     python -m tasks.distill --config distill.json --inputs inputs.json --out DIR
+
+The teacher is any model of the run (`distill.teacher`, wired by flows/plan.py): sft, base, an
+aligned branch (align-dpo, align-ppo, align-grpo), or the gate's candidate, in which case the flow
+runs this stage after the per-model evaluations and the student is not eligible as the candidate.
 
 The teacher runs ONCE, before training, over every training row the student will see; only its
 top-k logits per completion position are kept (float16 values; int16 token ids, int32 for

@@ -33,7 +33,17 @@ from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
 from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
 from posttrain.scoring import margin_metrics, pair_ids, pair_margins, pairwise_metrics
-from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import (
+    ProgressCallback,
+    checkpointing,
+    last_logged,
+    logged_losses,
+    quiet,
+    remove_scratch,
+    resumed_step,
+    trainer_defaults,
+    write_loss_history,
+)
 
 DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract this stage runs before training
 
@@ -108,12 +118,10 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     before = pairwise_metrics(model, pairs["eval"], eval_rows, tokenizer.pad_token_id, config.max_length, prefix="eval_before_")
 
     train_dataset = Dataset.from_list(pairs["train"])
+    # A few log points even for short test runs; TRL averages accuracy/margin over each window.
+    checkpoints, resume_from = checkpointing(config.checkpoint_every, max(1, min(10, config.max_steps // 10)), config.max_steps)
     args = TrlRewardConfig(
-        **{
-            **trainer_defaults(out_dir, seed),
-            # A few log points even for short test runs; TRL averages accuracy/margin over each window.
-            "logging_steps": max(1, min(10, config.max_steps // 10)),
-        },
+        **{**trainer_defaults(out_dir, seed), "logging_steps": max(1, min(10, config.max_steps // 10)), **checkpoints},
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr,
@@ -130,14 +138,14 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     kept = len(trainer.train_dataset)
     if kept == 0:
         raise ValueError(f"every preference pair is longer than reward.max_length={config.max_length} tokens")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
 
     trained = trainer.model.merge_and_unload() if config.method == "lora" else trainer.model
     margins = pair_margins(trained, pairs["eval"], tokenizer.pad_token_id, config.max_length)
     after = margin_metrics(margins, eval_rows, prefix="eval_")
     calibration = margin_figures(margins, out_dir / "margins.png")
     save_pretrained(trained, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history)
+    write_loss_history(out_dir, logged_losses(trainer))
     remove_scratch(out_dir)
 
     metrics = {
@@ -145,6 +153,8 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
         **before,
         **after,
         "eval_accuracy_gain": round(after["eval_accuracy"] - before["eval_before_accuracy"], 4),
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from_step": resumed_step(resume_from),
         **calibration,
         "train_pairs": kept,
         "train_pairs_dropped_too_long": len(train_rows) - kept,

@@ -32,14 +32,23 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from data_contracts import check_instruction_rows
-from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import SftConfig
 from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, record_messages
 from posttrain.jsonl import read_instruction_rows
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
 from posttrain.scoring import completion_scores
-from posttrain.training import ProgressCallback, quiet, remove_scratch, trainer_defaults, use_bf16, write_loss_history
+from posttrain.training import (
+    ProgressCallback,
+    checkpointing,
+    logged_losses,
+    quiet,
+    remove_scratch,
+    resumed_step,
+    trainer_defaults,
+    use_bf16,
+    write_loss_history,
+)
 
 DATA_FILES = ("data_contracts/sft_tokenized.json",)  # the tokenized contract this stage runs before training
 
@@ -123,28 +132,30 @@ class PlainLossSFTTrainer(SFTTrainer):
         from transformers import Trainer
 
         inputs["use_cache"] = False  # as TRL does; a cache would also hide packed rows from the mask
-        loss = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        failpoints.reach("train-step")
-        return loss
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int]:
-    """(optimizer steps, gradient accumulation) from the config and the data: accumulation from the
-    global batch (`global_batch / (batch_size x devices)`), steps from `epochs` over the rows."""
-    per_step = config.batch_size * devices
-    if per_step > train_rows:
+def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int, int]:
+    """(optimizer steps, gradient accumulation, micro-batch per device) from the config and the data.
+
+    The global batch — rows per optimizer step — is `global_batch`, else `batch_size x grad_accum`,
+    and it is the same on any number of devices: N processes split it (the micro-batch shrinks to
+    fit, then the accumulation). So a DDP run trains on the same batches as a one-device run, only
+    its float sums in another order, which is why the launcher is not in the cache key. Steps come
+    from `epochs` over the rows when it is given."""
+    global_rows = config.global_batch or config.batch_size * config.grad_accum
+    micro = min(config.batch_size, max(1, global_rows // devices))
+    if global_rows % (micro * devices):
+        named = f"sft.global_batch {global_rows}" if config.global_batch else f"the global batch {global_rows} (sft.batch_size x sft.grad_accum)"
+        raise ValueError(f"{named} is not a multiple of sft.batch_size x devices = {micro * devices}")
+    if micro * devices > train_rows:
         # The loader would quietly give every step the same smaller batch than the one configured.
         unit = "packed sequences" if config.batching == "packed" else "train rows"
-        raise ValueError(f"sft.batch_size {config.batch_size} x {devices} device(s) is more than the data's {train_rows} {unit}; lower sft.batch_size")
-    if config.global_batch is not None:
-        if config.global_batch % per_step:
-            raise ValueError(f"sft.global_batch {config.global_batch} is not a multiple of sft.batch_size x devices = {per_step}")
-        accumulation = config.global_batch // per_step
-    else:
-        accumulation = config.grad_accum
+        raise ValueError(f"sft.batch_size {micro} x {devices} device(s) is more than the data's {train_rows} {unit}; lower sft.batch_size")
+    accumulation = global_rows // (micro * devices)
     if config.epochs is None:
-        return config.max_steps, accumulation
-    return max(1, math.ceil(config.epochs * train_rows / (per_step * accumulation))), accumulation
+        return config.max_steps, accumulation, micro
+    return max(1, math.ceil(config.epochs * train_rows / global_rows)), accumulation, micro
 
 
 def save_adapter(peft_model, folder: Path, base: Artifact) -> None:
@@ -192,12 +203,17 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
 
     eval_loss_before = completion_loss(model, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     devices = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch / torchrun set it
-    steps, accumulation = training_schedule(config, len(train_dataset), devices)
+    steps, accumulation, micro_batch = training_schedule(config, len(train_dataset), devices)
+    # A few log points even for short runs (the loss curve and the MLflow series need them).
+    checkpoints, resume_from = checkpointing(config.checkpoint_every, max(1, min(10, steps // 10)), steps)
     args = SFTConfig(
-        # A few log points even for short runs (the loss curve and the MLflow series need them).
-        **{**trainer_defaults(out_dir, seed), "logging_steps": max(1, min(10, steps // 10))},
+        **{**trainer_defaults(out_dir, seed), "logging_steps": max(1, min(10, steps // 10)), **checkpoints},
         max_steps=steps,
-        per_device_train_batch_size=config.batch_size,
+        # On several processes the loader yields each whole global micro-batch and every process takes
+        # its slice (accelerate's split_batches): the rows of a step, and their order, are those of a
+        # one-process run, not a DistributedSampler's own shuffle.
+        per_device_train_batch_size=micro_batch * devices,
+        accelerator_config={"split_batches": devices > 1},
         gradient_accumulation_steps=accumulation,
         learning_rate=config.lr,
         lr_scheduler_type="cosine",
@@ -225,7 +241,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     )
     quiet(trainer)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
 
     trained = trainer.model
     if config.method in ("lora", "qlora"):
@@ -236,7 +252,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         trained = merge_into_full_precision(trained, base_dir, config)
     eval_loss_after = completion_loss(trained, tokenizer, encoded["eval"]) if encoded["eval"] else math.nan
     save_pretrained(trained, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history)
+    write_loss_history(out_dir, logged_losses(trainer))
     remove_scratch(out_dir)
 
     metrics = {
@@ -245,8 +261,11 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         "trainable_parameters": trainable,
         "train_rows": len(records["train"]),
         "train_sequences": len(train_dataset),  # bins when packed
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from_step": resumed_step(resume_from),
         "gradient_accumulation": accumulation,
-        "global_batch": config.batch_size * devices * accumulation,
+        "global_batch": micro_batch * devices * accumulation,
+        "devices": devices,
         "train_tokens_trained_on": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded["train"]),
         "eval_loss_before": round(eval_loss_before, 5),
         "eval_loss": round(eval_loss_after, 5),

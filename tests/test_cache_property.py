@@ -170,7 +170,7 @@ def build_edits(world: World) -> list[tuple[str, callable]]:
         "data.near_dup.threshold=0.7", "data.max_tokens=64", "sft.lr=1e-3", "sft.max_length=64", "reward.lr=5e-4",
         "align.dpo.beta=0.3", "align.ppo.kl_beta=0.1", "align.grpo.temperature=0.8", "distill.temperature=1.0", "distill.teacher=base", "quantize.eval_rows=4",
         "quantize.methods=[int8]", "evaluate.max_new_tokens=5", "evaluate.temperature=0.7", "align.target_skills=[sort]",
-        "data.batch_rows=50", "sft.launcher.kind=subprocess", "runtime.threads=2", "tracking.log_models=false",
+        "data.batch_rows=50", "sft.launcher.kind=subprocess", "sft.checkpoint_every=3", "reward.checkpoint_every=0", "runtime.threads=2", "tracking.log_models=false",
     ):
         edits.append((f"config: {override}", config_edit(override)))
 

@@ -42,6 +42,24 @@ def test_publish_writes_manifest_last_and_lookup_needs_it(tmp_path):
     assert store.lookup("sft", "half") is None
 
 
+def test_a_forced_rebuild_replaces_a_published_folder_only_when_its_bytes_differ(tmp_path):
+    store = Store(tmp_path)
+
+    def build(content: str, replace: bool) -> Artifact:
+        staging = store.staging_dir("sft", "abc")
+        (staging / "weights.bin").write_text(content)
+        return store.publish("sft", "abc", Artifact.draft(staging, {}), {"seed": 0}, replace=replace)
+
+    first = build("w1", replace=False)
+    assert build("w2", replace=False).digest == first.digest  # a twin's build never moves a finished folder
+    assert build("w1", replace=True).digest == first.digest and not (tmp_path / "replaced").exists()  # same bytes: kept
+    forced = build("w2", replace=True)
+    assert forced.digest != first.digest and (forced.path / "weights.bin").read_text() == "w2"
+    (aside,) = (tmp_path / "replaced" / "sft").iterdir()
+    assert aside.name.startswith("abc-") and Artifact.load(aside).digest == first.digest
+    assert [artifact.digest for artifact in store.artifacts("sft")] == [forced.digest]  # out of the store
+
+
 def _inputs(digest="d1"):
     return {"base": Artifact(Path("."), {"digest": digest})}
 

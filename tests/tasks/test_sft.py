@@ -89,14 +89,17 @@ def test_steps_follow_from_epochs_and_accumulation_from_the_global_batch(tiny_ba
     # 540 rows, 2 epochs, a global batch of 32 from micro-batches of 8 on one device: 4 accumulated
     # micro-batches per step, ceil(2 * 540 / 32) = 34 steps; on two devices, 2 micro-batches each.
     config = SftConfig(epochs=2, batch_size=8, global_batch=32)
-    assert training_schedule(config, 540, devices=1) == (34, 4)
-    assert training_schedule(config, 540, devices=2) == (34, 2)
-    assert training_schedule(SftConfig(max_steps=7, grad_accum=3), 540, devices=1) == (7, 3)
+    assert training_schedule(config, 540, devices=1) == (34, 4, 8)
+    assert training_schedule(config, 540, devices=2) == (34, 2, 8)
+    assert training_schedule(SftConfig(max_steps=7, grad_accum=3), 540, devices=1) == (7, 3, 64)
+    # Without global_batch the global batch is batch_size x grad_accum on any number of devices:
+    # 64 rows a step is 2 x 32 on two devices, not 128.
+    assert training_schedule(SftConfig(max_steps=7, batch_size=64), 540, devices=2) == (7, 1, 32)
     with pytest.raises(ValueError, match="not a multiple of sft.batch_size x devices = 24"):
         training_schedule(SftConfig(epochs=1, batch_size=8, global_batch=32), 540, devices=3)
-    assert training_schedule(SftConfig(epochs=1, max_steps=5, batch_size=8, global_batch=8, grad_accum=4), 540, 1) == (68, 1)  # epochs and global_batch win
-    with pytest.raises(ValueError, match=r"^sft.batch_size 16 x 2 device\(s\) is more than the data's 20 train rows; lower sft.batch_size$"):
-        training_schedule(SftConfig(batch_size=16), 20, devices=2)
+    assert training_schedule(SftConfig(epochs=1, max_steps=5, batch_size=8, global_batch=8, grad_accum=4), 540, 1) == (68, 1, 8)  # epochs and global_batch win
+    with pytest.raises(ValueError, match=r"^sft.batch_size 8 x 2 device\(s\) is more than the data's 12 train rows; lower sft.batch_size$"):
+        training_schedule(SftConfig(batch_size=16), 12, devices=2)
 
     artifact = tasks.sft.run(SftConfig(epochs=0.5, batch_size=8, global_batch=16, seed=0, eval_rows=16), {"base": tiny_base, "data": tiny_data}, tmp_path)
     rows = artifact.metrics["train_rows"]

@@ -1,0 +1,3 @@
+-- One PostgreSQL server, one database each for Prefect and MLflow.
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;
