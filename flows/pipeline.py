@@ -14,6 +14,7 @@ stage the flow logs a nested MLflow run and rewrites runs/<run id>/run.json.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from rich.console import Console
 
 from flows.plan import Step, needs_candidate, plan, upstream
 from posttrain import failpoints
-from posttrain.artifacts import Artifact, Store
+from posttrain.artifacts import Artifact
+from posttrain.remote import open_store
 from posttrain.config import PipelineConfig
 from posttrain.gate import Decision, decide, hacking_flags
 from posttrain.report import choose_candidate
-from posttrain.runner import StageOutcome, compute_key, execute_stage
+from posttrain.runner import StageError, StageOutcome, compute_key, execute_stage
 from posttrain.runs import RunRecord
 from posttrain.tracking import PipelineTracking
 
@@ -41,10 +43,10 @@ def _stage_cache_key(context, parameters: dict) -> str:
 @task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
 def stage_task(
     stage: str, key, module_name: str, section, input_paths: dict[str, str], root: str, seed: int, launcher, threads: int, device: str, run_id: str,
-    force: bool = False,
+    force: bool = False, shared_store: str | None = None, shared_store_options: dict | None = None,
 ) -> dict:
     """Build (or find in the store) one stage's artifact; returns where it is (relative to the store root) and who built it."""
-    store = Store(Path(root))
+    store = open_store(Path(root), shared_store, shared_store_options)
     inputs = {name: Artifact.load(store.root / path) for name, path in input_paths.items()}
     outcome = execute_stage(stage, module_name, section, inputs, store, seed, launcher, threads, device, run_id, key, force)
     return {
@@ -63,11 +65,41 @@ class PipelineRun:
         self.forced: set[str] = set()
         self.cfg = cfg
         self.root = Path(cfg.store_root).resolve()
-        self.store = Store(self.root)
+        self.store = open_store(self.root, cfg.shared_store, cfg.shared_store_options)
         self.record = record
         self.tracking = tracking
         self.flow_run_id = flow_run_id
         self.artifacts: dict[str, Artifact] = {}
+
+    def on_worker(self, step: Step, key, input_artifacts: dict[str, Artifact], force: bool) -> dict:
+        """Run the stage as a flow run on a worker of its pool (flows/stage_flow.py) and wait; the
+        worker publishes to the shared store, from which this store then pulls the artifact."""
+        from prefect.deployments import run_deployment
+
+        pool = step.launcher.pool
+        if not os.environ.get("PREFECT_API_URL"):
+            raise StageError(f"{step.name}: launcher kind deployment needs a Prefect server the pool's worker polls (set PREFECT_API_URL)")
+        started = time.perf_counter()
+        console.print(f"  on a worker of pool {pool} (posttrain-stage/{pool})")
+        flow_run = run_deployment(
+            f"posttrain-stage/{pool}",
+            parameters={
+                "stage": step.name, "module": step.module, "section_class": type(step.section).__name__,
+                "section": step.section.model_dump(mode="json"), "inputs": {name: a.manifest["path"] for name, a in input_artifacts.items()},
+                "key": {"fingerprint": key.fingerprint, "parts": key.parts}, "shared_store": self.cfg.shared_store,
+                "shared_store_options": self.cfg.shared_store_options, "seed": self.cfg.seed, "threads": self.cfg.runtime.threads,
+                "device": self.cfg.runtime.device, "run_id": self.record.run_id, "force": force,
+            },
+            timeout=None,  # as long as the stage takes
+            as_subflow=True,
+        )
+        if not flow_run.state.is_completed():
+            raise StageError(f"{step.name}: its flow run on pool {pool} ended {flow_run.state.name}: {flow_run.state.message or 'see the worker log'}")
+        artifact = self.store.lookup(step.name, key.fingerprint)
+        if artifact is None:
+            raise StageError(f"{step.name}: the worker of pool {pool} finished but {self.cfg.shared_store} has no {step.name}/{key.fingerprint}")
+        # Dispatched because neither store had it: built for this run (on the worker).
+        return {"path": artifact.manifest["path"], "built_by_flow_run": self.flow_run_id, "store_hit": False, "seconds": time.perf_counter() - started}
 
     def stage(self, step: Step) -> Artifact:
         input_artifacts = {name: self.artifacts[source] for name, source in step.inputs.items()}
@@ -81,20 +113,25 @@ class PipelineRun:
             console.print(f"[bold]▶ {step.name}[/] [dim]{key.fingerprint}[/]")
             self.record.stage_finished(step.name, {"fingerprint": key.fingerprint})
             in_store = self.store.lookup(step.name, key.fingerprint) is not None
-            result = stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=force or not in_store)(
-                stage=step.name,
-                key=key,
-                module_name=step.module,
-                section=step.section,
-                input_paths={name: artifact.manifest["path"] for name, artifact in input_artifacts.items()},
-                root=str(self.root),
-                seed=self.cfg.seed,
-                launcher=step.launcher,
-                threads=self.cfg.runtime.threads,
-                device=self.cfg.runtime.device,
-                run_id=self.record.run_id,
-                force=force,
-            )
+            if step.launcher is not None and step.launcher.kind == "deployment" and (force or not in_store):
+                result = self.on_worker(step, key, input_artifacts, force)
+            else:
+                result = stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=force or not in_store)(
+                    stage=step.name,
+                    key=key,
+                    module_name=step.module,
+                    section=step.section,
+                    input_paths={name: artifact.manifest["path"] for name, artifact in input_artifacts.items()},
+                    root=str(self.root),
+                    seed=self.cfg.seed,
+                    launcher=step.launcher,
+                    threads=self.cfg.runtime.threads,
+                    device=self.cfg.runtime.device,
+                    run_id=self.record.run_id,
+                    force=force,
+                    shared_store=self.cfg.shared_store,
+                    shared_store_options=self.cfg.shared_store_options,
+                )
         except BaseException as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.record.stage_finished(step.name, {"state": "failed", "error": message, "seconds": round(time.perf_counter() - started, 2)})

@@ -142,8 +142,10 @@ def write_json_atomic(path: Path, payload, sort_keys: bool = True) -> None:
 class Store:
     """The content-addressed store: store/<stage>/<fingerprint>/."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, remote=None):
+        """`remote`: a posttrain.remote.RemoteStore shared with other machines (config `shared_store`)."""
         self.root = Path(root)
+        self.remote = remote
         self.digest_memo_path = self.root / "cache" / "outside-digests.json"
 
     def final_dir(self, stage: str, fingerprint: str) -> Path:
@@ -153,10 +155,28 @@ class Store:
         """The published artifact for this fingerprint, checked against its manifest; None if absent."""
         folder = self.final_dir(stage, fingerprint)
         if not (folder / MANIFEST).is_file():
-            return None
+            return self._pull(stage, fingerprint) if self.remote is not None else None
         artifact = Artifact.load(folder)
         check_files(artifact)
+        if self.remote is not None and not self.remote.has(artifact.manifest["path"]):
+            self.remote.upload(artifact)  # published here before the store was shared
         return artifact
+
+    def _pull(self, stage: str, fingerprint: str) -> Artifact | None:
+        """Published on the shared store by another machine: download, check, move into place."""
+        relative = self.final_dir(stage, fingerprint).relative_to(self.root).as_posix()
+        if not self.remote.has(relative):
+            return None
+        staging = self.root / "store" / stage / f".tmp-{fingerprint}-pull{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.remote.download(relative, staging)
+            final = self.final_dir(stage, fingerprint)
+            if not (final / MANIFEST).is_file():
+                os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Artifact.load(self.final_dir(stage, fingerprint))
 
     def artifacts(self, stage: str | None = None) -> list[Artifact]:
         """Every published artifact (of one stage), without checking them."""
@@ -226,10 +246,16 @@ class Store:
             # Published meanwhile by a process that did not share our lock (another host on a
             # shared folder): a finished folder is never moved; ours is the same work, dropped.
             shutil.rmtree(staged.path, ignore_errors=True)
-            return Artifact.load(final)
+            published = Artifact.load(final)
+            if self.remote is not None:
+                self.remote.upload(published)
+            return published
         write_json_atomic(staged.path / MANIFEST, manifest)
         if final.exists():
             # Same fingerprint but no manifest (a manual copy, a foreign tool): keep it aside, never delete.
             final.rename(final.with_name(f"{final.name}.orphan-{os.getpid()}"))
         os.replace(staged.path, final)
-        return Artifact(final, manifest)
+        artifact = Artifact(final, manifest)
+        if self.remote is not None:  # shared with other machines: files first, manifest last
+            self.remote.upload(artifact)
+        return artifact

@@ -252,18 +252,10 @@ def command_schedule(args) -> int:
     cfg.check_outside_paths(str(args.config))
     _prefect_server_url()
     configure_environment()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
     from flows.deployment import scheduled_pipeline
     from posttrain.runner import REPO_ROOT
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=args.pool, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    _ensure_pool(args.pool)
     name = args.name or Path(args.config).stem
     source = scheduled_pipeline.from_source(source=str(REPO_ROOT), entrypoint="flows/deployment.py:scheduled_pipeline")
     deployment_id = source.deploy(
@@ -281,13 +273,40 @@ def command_schedule(args) -> int:
     return 0
 
 
+def _ensure_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
 def command_worker(args) -> int:
-    """`prefect worker start` on the pool: polls the server and runs each due flow run in its own process."""
+    """`prefect worker start` on the pool: polls the server and runs each due flow run in its own
+    process — scheduled pipelines, and single stages sent here by `launcher.kind: deployment`
+    (the deployment posttrain-stage/<pool>, made now). Stages built here are kept in
+    POSTTRAIN_WORKER_STORE (default: posttrain-store/ in this folder) and shared through the
+    pipeline's shared_store."""
     _prefect_server_url()
+    configure_environment()
+    from flows.stage_flow import WORKER_STORE_ENV, stage_flow
+    from posttrain.runner import REPO_ROOT
+
+    _ensure_pool(args.pool)
+    os.environ[WORKER_STORE_ENV] = str(Path(os.environ.get(WORKER_STORE_ENV, "posttrain-store")).resolve())
+    stage_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/stage_flow.py:stage_flow").deploy(
+        name=args.pool, work_pool_name=args.pool, build=False, push=False, print_next_steps=False,
+    )
+    console.print(f"serving pool {args.pool}: scheduled runs, and stages sent to posttrain-stage/{args.pool}; local store {os.environ[WORKER_STORE_ENV]}")
     prefect = Path(sys.executable).parent / "prefect"
     command = [str(prefect) if prefect.exists() else "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
     if args.run_once:
         command.append("--run-once")
+    sys.stdout.flush()
     os.execvp(command[0], command)
     return 0  # not reached
 

@@ -61,6 +61,9 @@ class RuntimeConfig(Section):
 
 class TrackingConfig(Section):
     enabled: bool = True
+    artifact_location: str | None = Field(
+        None, description="where a new experiment keeps its artifacts, e.g. s3://bucket/mlflow; null: <store_root>/mlartifacts, or the server's default",
+    )
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite file under the store root")
     experiment: str = "posttrain"
     log_models: bool = Field(True, description="upload model folders as MLflow artifacts (off: register references to the store folders)")
@@ -71,10 +74,12 @@ class LauncherConfig(Section):
     """How a training stage is executed: inside the flow's process, as `python -m tasks.<stage>`, or
     as one process per device with DDP (posttrain.runner.launch_command)."""
 
-    kind: Literal["auto", "inprocess", "subprocess", "distributed"] = Field(
+    kind: Literal["auto", "inprocess", "subprocess", "distributed", "deployment"] = Field(
         "auto", description="auto: distributed over the visible CUDA devices when there are several (sft), else in-process; "
-        "distributed: `accelerate launch --multi_gpu` on GPUs, torch.distributed.run with gloo on CPUs",
+        "distributed: `accelerate launch --multi_gpu` on GPUs, torch.distributed.run with gloo on CPUs; "
+        "deployment: a flow run on a worker of `pool` (flows/stage_flow.py), through shared_store",
     )
+    pool: str | None = Field(None, description="deployment: the Prefect work pool whose worker runs the stage (posttrain worker --pool NAME)")
     # Prefix for the subprocess command, e.g. ["accelerate", "launch", "--num_processes", "8"].
     command: list[str] = Field(default_factory=lambda: ["python"])
     processes: int | None = Field(None, ge=1, description="distributed: how many processes; null: one per visible CUDA device")
@@ -609,6 +614,14 @@ class PipelineConfig(Section):
     run_name: str | None = Field(None, description="default: the config file's stem")
     seed: int = 0
     store_root: str = Field("artifacts", description="holds store/, runs/, logs/ and the default MLflow database")
+    shared_store: str | None = Field(
+        None, description="an fsspec URL (s3://bucket/prefix) where published artifacts are shared with other machines: "
+        "uploaded on publish (manifest last), downloaded and checked on a local miss (posttrain/remote.py). "
+        "Credentials from the environment",
+    )
+    shared_store_options: dict[str, str] = Field(
+        default_factory=dict, description="fsspec storage options without secrets, e.g. {endpoint_url: http://127.0.0.1:9000}",
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -654,6 +667,21 @@ class PipelineConfig(Section):
             late = [name for name in named if name == "student" or name.startswith("quantize-")]
             if late:
                 raise ValueError(f"distill.teacher: candidate is chosen before {late[0]} exists, but {key} names it")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_stages_have_a_pool_and_a_shared_store(self):
+        """A stage that runs on another machine's worker reads its inputs from, and publishes to,
+        the shared store, and needs a pool to go to."""
+        sections = {"sft": self.sft, "reward": self.reward, "align.dpo": self.align.dpo, "align.ppo": self.align.ppo,
+                    "align.grpo": self.align.grpo, "distill": self.distill}
+        for name, section in sections.items():
+            if section.launcher.kind != "deployment":
+                continue
+            if not section.launcher.pool:
+                raise ValueError(f"{name}.launcher.pool: kind deployment needs the work pool whose worker runs it")
+            if not self.shared_store:
+                raise ValueError(f"{name}.launcher.kind: deployment needs shared_store (the worker reads inputs from it and publishes to it)")
         return self
 
     def check_outside_paths(self, origin: str = "config") -> None:

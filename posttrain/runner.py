@@ -150,6 +150,8 @@ def launch_command(stage: str, launcher: LauncherConfig | None) -> list[str] | N
         return None
     if launcher.kind == "subprocess":
         return list(launcher.command)
+    if launcher.kind == "deployment":
+        raise StageError(f"{stage}: launcher kind deployment runs through the pipeline's flow (flows/stage_flow.py), not here")
     import torch
 
     gpus = torch.cuda.device_count()

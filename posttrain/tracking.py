@@ -180,7 +180,7 @@ class PipelineTracking:
             home_default_experiment(self.store_root / "mlflow.db", self.store_root)
         if experiment is None:
             # Artifacts next to the database, not in ./mlruns of whatever folder the user ran from.
-            location = (self.store_root / ARTIFACTS_FOLDER).as_uri() if self.config.uri is None else None
+            location = self.config.artifact_location or ((self.store_root / ARTIFACTS_FOLDER).as_uri() if self.config.uri is None else None)
             self.experiment_id = mlflow.create_experiment(self.config.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
         else:
             self.experiment_id = experiment.experiment_id
