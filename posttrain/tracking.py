@@ -37,6 +37,20 @@ ARTIFACTS_FOLDER = "mlartifacts"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
+    """log_inputs, tolerating a twin run on the same database: MLflow's SQL store looks a dataset
+    up, then inserts it, so two runs logging the same dataset at once (both logging a stage one
+    of them built) can collide on its unique key; the retry finds the other's row and links it."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as exc:  # MlflowException or SQLAlchemy's IntegrityError, by MLflow version
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in type(exc).__name__ or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def default_tracking_uri(store_root: Path) -> str:
     # An absolute SQLite path needs four slashes: sqlite:////abs/path.db.
     return f"sqlite:///{Path(store_root).resolve() / 'mlflow.db'}"
@@ -321,32 +335,37 @@ class PipelineTracking:
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         metrics.append(Metric("cache_hit", float(outcome.cache_hit), stamp, 0))
+        # A hit whose builder run is known logs its parameters, final figures, datasets and links;
+        # the per-step series and the files stay on the builder's run (tag built_by_run, and the
+        # description's link), so an unchanged re-run does not upload them again.
+        full = not outcome.cache_hit or backfill
         loss_file = artifact.path / "loss_history.json"
-        if loss_file.is_file():
+        if full and loss_file.is_file():
             metrics += [Metric("train_loss", p["loss"], stamp, p["step"]) for p in json.loads(loss_file.read_text())]
         # The manifest's per-step history (training and RL stages): a series per figure.
         metrics += [
             Metric(key, float(value), stamp, entry["step"])
-            for entry in artifact.manifest.get("history") or []
+            for entry in (artifact.manifest.get("history") or [] if full else [])
             for key, value in entry.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ]
         for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[start : start + 900])
-        client.log_artifact(run_id, str(artifact.path / "manifest.json"))
+        if full:
+            client.log_artifact(run_id, str(artifact.path / "manifest.json"))
         inputs = []
         for name, source_artifact, inner_path, context in datasets:
             inputs.append(self._dataset_input(name, source_artifact, inner_path, context))
         inputs += self._source_inputs(artifact)
         if inputs:
-            client.log_inputs(run_id, datasets=inputs)
+            _log_inputs(client, run_id, inputs)
         for extra in ("results.md", "results.json", "rejected.jsonl", "report.json", *sorted(p.name for p in artifact.path.glob("*.png"))):
-            if (artifact.path / extra).is_file():
+            if full and (artifact.path / extra).is_file():
                 client.log_artifact(run_id, str(artifact.path / extra))
-        if (artifact.path / "table.json").is_file():  # the report's results, as an MLflow table
+        if full and (artifact.path / "table.json").is_file():  # the report's results, as an MLflow table
             client.log_table(run_id, data=json.loads((artifact.path / "table.json").read_text()), artifact_file="results_table.json")
         for folder in ("data_docs", "contracts"):  # GX Data Docs (HTML) and validation results
-            if (artifact.path / folder).is_dir():
+            if full and (artifact.path / folder).is_dir():
                 client.log_artifacts(run_id, str(artifact.path / folder), artifact_path=folder)
         if log_model and self.config.log_models and (not outcome.cache_hit or backfill) and model is None:
             client.log_artifacts(run_id, str(artifact.path), artifact_path="model")
