@@ -292,6 +292,9 @@ def command_worker(args) -> int:
     POSTTRAIN_WORKER_STORE (default: posttrain-store/ in this folder) and shared through the
     pipeline's shared_store."""
     _prefect_server_url()
+    # A worker is a service: its flow runs' INFO lines ("nothing changed", what was rebuilt) are
+    # what its operator reads, so it does not take the CLI's quiet WARNING level.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     configure_environment()
     from flows.stage_flow import WORKER_STORE_ENV, stage_flow
     from posttrain.runner import REPO_ROOT

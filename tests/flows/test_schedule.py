@@ -21,7 +21,7 @@ import pytest
 
 from posttrain import skills
 from posttrain.jsonl import write_jsonl
-from tests.kill_harness import REPO, newest_record
+from tests.kill_harness import REPO, newest_record, wait_for
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -105,7 +105,8 @@ def test_schedule_a_deployment_and_let_a_worker_run_it(tmp_path, prefect_api):
         assert again["state"] == "COMPLETED"
         record = newest_record(store)
         assert record["changed"] is False and all(info["state"] == "cached" for info in record["stages"].values())
-        assert "nothing changed" in (tmp_path / "worker.log").read_text()
+        # The flow run's log line reaches the worker's output a moment after the run is reported complete.
+        wait_for(lambda: "nothing changed" in (tmp_path / "worker.log").read_text(), 60, "the worker to log 'nothing changed'")
         assert len(Receiver.received) == 1  # no new champion, nothing failed: nothing sent
 
         more, _ = skills.generate_rows("instruction", rows=60, seed=7)
