@@ -66,7 +66,6 @@ def tiny_benchmarks(tmp_path_factory) -> Artifact:
 def prefect_api(tmp_path_factory) -> Iterator[str]:
     """A real `prefect server start` on 127.0.0.1, shared by the CLI runs of a test session: each run
     then skips starting Prefect's temporary server (about 5 s a run). Pass it as PREFECT_API_URL."""
-    import signal
     import socket
     import subprocess
     import sys
@@ -100,9 +99,6 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        from tests.kill_harness import stop_group
+
+        stop_group(server, 20)

@@ -111,3 +111,21 @@ def run_killed_at(failpoint: str, args: list[str], root: Path, env: dict[str, st
     record = newest_record(root)
     path = root / "runs" / record["run_id"] / "run.json"
     return wait_for(lambda: (data := json.loads(path.read_text()))["status"] == "failed" and data, 10, "the record to say failed")
+
+
+def stop_group(process: subprocess.Popen, seconds: float = 30) -> None:
+    """Stop a server or worker started with `start_new_session=True`, and everything it started:
+    SIGTERM to its process group, SIGKILL if it is still there after `seconds`."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def start_worker(pool: str, workdir: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`posttrain worker --pool POOL` in its own folder and process group (stop it with stop_group)."""
+    return subprocess.Popen(
+        cli("worker", "--pool", pool), cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )

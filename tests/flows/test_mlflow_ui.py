@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kill_harness import newest_record, run_cli
+from tests.kill_harness import newest_record, run_cli, stop_group
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -55,8 +54,7 @@ def mlflow_ui(tmp_path):
 
     yield start
     for server in servers:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_group(server)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import pytest
 
 from posttrain import skills
 from posttrain.jsonl import write_jsonl
-from tests.kill_harness import REPO, newest_record, wait_for
+from tests.kill_harness import REPO, newest_record, start_worker, stop_group, wait_for
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -88,10 +87,7 @@ def test_schedule_a_deployment_and_let_a_worker_run_it(tmp_path, prefect_api):
 
     workdir = tmp_path / "worker"
     workdir.mkdir()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "posttrain.cli", "worker", "--pool", pool], cwd=workdir, env=env,
-        stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    worker = start_worker(pool, workdir, env, tmp_path / "worker.log")
     try:
         first = trigger(env, "posttrain-scheduled/weekly")
         assert first["state"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
@@ -125,9 +121,5 @@ def test_schedule_a_deployment_and_let_a_worker_run_it(tmp_path, prefect_api):
         assert Receiver.received[-1]["event"] == "failed" and "instructions.jsonl: no such file" in Receiver.received[-1]["error"], Receiver.received[-1]
         assert env["POSTTRAIN_WEBHOOK_URL"] not in (tmp_path / "worker.log").read_text()  # a secret: never logged
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_group(worker)
         receiver.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kill_harness import REPO, newest_record, run_cli
+from tests.kill_harness import REPO, newest_record, run_cli, start_worker, stop_group
 
 BUCKET = "posttrain-shared"
 
@@ -41,8 +40,7 @@ def s3_server(tmp_path):
                 raise RuntimeError((tmp_path / "moto.log").read_text()[-2000:])
             time.sleep(0.3)
     yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=20)
+    stop_group(server, 20)
 
 
 @pytest.mark.slow
@@ -111,10 +109,7 @@ def test_a_stage_runs_on_a_worker_and_comes_back_through_the_shared_store(tmp_pa
     pool = f"gpu-{tmp_path.name[-10:]}".replace("_", "-")
     workdir = tmp_path / "gpu-machine"
     workdir.mkdir()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "posttrain.cli", "worker", "--pool", pool], cwd=workdir, env=env,
-        stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    worker = start_worker(pool, workdir, env, tmp_path / "worker.log")
     try:
         with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
@@ -145,8 +140,4 @@ def test_a_stage_runs_on_a_worker_and_comes_back_through_the_shared_store(tmp_pa
         assert here["fingerprint"] == sft["fingerprint"]
         assert sft["mlflow_run_id"]  # logged by the pipeline, like any stage
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_group(worker)
