@@ -71,7 +71,7 @@ def expectation_label(expectation_type: str, kwargs: dict) -> str:
     return f"{expectation_type}({columns})" if columns else expectation_type
 
 
-def _import_gx():
+def import_gx():
     # Must be set before the import: GX reads it at import time to decide on usage statistics.
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     import great_expectations as gx
@@ -139,7 +139,7 @@ class ContractRun:
 
     def __init__(self, out_dir: Path, docs_dir: Path | None = None):
         self.out_dir, self.docs_dir = Path(out_dir), Path(docs_dir) if docs_dir else None
-        self.gx = _import_gx()
+        self.gx = import_gx()
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.context = self.gx.get_context(mode="ephemeral")

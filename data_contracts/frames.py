@@ -34,14 +34,14 @@ from posttrain.formatting import IGNORE_INDEX
 
 DEDUP_KEY_SEPARATOR = "\x1f"  # unit separator: cannot occur in normalised text, so keys never collide by joining
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # what normalisation removes (\n stays)
-_WHITESPACE = re.compile(r"\s+")
 _MISSING = -1
 
 
 def dedup_key(record: dict, dedup_fields: list[str]) -> str:
     """The exact-dedup key: the fields joined, every whitespace run (newlines too) as one space —
     two answers that differ only in line breaks are the same answer."""
-    return DEDUP_KEY_SEPARATOR.join(_WHITESPACE.sub(" ", record[field]).strip() for field in dedup_fields)
+    # str.split() splits on exactly the characters regex \s matches (str.isspace), in C: ~3x faster.
+    return DEDUP_KEY_SEPARATOR.join(" ".join(record[field].split()) for field in dedup_fields)
 
 
 def key_digest(key: str) -> int:
@@ -63,7 +63,8 @@ class CleanFrameBuilder:
         self.splits: list[str] = []
         self.split_codes = array("b")
 
-    def add(self, record: dict, split: str) -> None:
+    def add(self, record: dict, split: str, known_digest: int | None = None) -> None:
+        """One output row; `known_digest`: its dedup key's digest when the caller already has it."""
         texts = {field: record.get(field) for field in self.fields}
         complete = all(isinstance(text, str) for text in texts.values())
         for field, text in texts.items():
@@ -76,7 +77,9 @@ class CleanFrameBuilder:
         if self.pair:
             self.columns["chosen_equals_rejected"].append(int(texts["chosen"] == texts["rejected"]) if complete else _MISSING)
         key_complete = all(isinstance(record.get(field), str) for field in self.dedup_fields)
-        self.columns["dedup_key"].append(key_digest(dedup_key(record, self.dedup_fields)) if key_complete else 0)
+        if key_complete and known_digest is None:
+            known_digest = key_digest(dedup_key(record, self.dedup_fields))
+        self.columns["dedup_key"].append(known_digest if key_complete else 0)
         self.key_present.append(int(key_complete))
         if split not in self.splits:
             self.splits.append(split)

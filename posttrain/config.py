@@ -425,6 +425,7 @@ class DpoConfig(Section):
     batch_size: int = Field(64, ge=1, description="preference pairs per step")
     lr: float = Field(2e-4, gt=0)
     max_length: int = Field(96, ge=8)
+    checkpoint_every: int = checkpoint_field()
     launcher: LauncherConfig = launcher_field()
 
 
@@ -460,6 +461,7 @@ class RolloutSettings(Section):
     replay_weight: float = Field(1.0, ge=0, description="weight of an NLL term on replayed SFT rows of every skill (PPO-ptx style); 0: off")
     replay_rows: int = Field(32, ge=1, description="instruction rows per step for the replay term")
     hacking: HackingConfig = Field(default_factory=HackingConfig)
+    checkpoint_every: int = checkpoint_field()
     launcher: LauncherConfig = launcher_field()
 
 
@@ -548,6 +550,8 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1-alpha on the teacher's logits")
     top_k: int = Field(16, ge=1, description="teacher logits kept per position (precomputed once)")
     max_length: int = Field(96, ge=8)
+    eval_rows: int = Field(512, ge=1, description="eval-split rows scored for the teacher's and the student's loss and agreement")
+    checkpoint_every: int = checkpoint_field()
     launcher: LauncherConfig = launcher_field()
 
 

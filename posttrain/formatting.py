@@ -146,6 +146,22 @@ class ChatFormat:
         return pieces
 
     @cached_property
+    def _reply_pieces(self) -> tuple[str, str] | None:
+        """(before, after) such that a conversation with a reply renders as its generation prompt +
+        before + reply + after, checked on one- and three-turn probes; None when the template does
+        not render a final reply that way (then each reply is rendered through the template)."""
+        fast = self._single_turn
+        if fast is None:
+            return None
+        _, _, lead, after = fast
+        history = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": " c\n"}, {"role": "system", "content": "s"}]
+        for context in ([{"role": "user", "content": _USER}], [*history, {"role": "user", "content": "d  e"}]):
+            for reply in (_REPLY, " spaced \n", "x"):
+                if self._apply([*context, {"role": "assistant", "content": reply}], False) != self._apply(context, True) + lead + reply + after:
+                    return None
+        return lead, after
+
+    @cached_property
     def end_of_turn(self) -> str:
         """What the template writes after a reply, without trailing whitespace ("</s>", "<|im_end|>")."""
         full = self.render([{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}])
@@ -203,6 +219,28 @@ class ChatFormat:
             encoded.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": len(input_ids) > max_length})
         return encoded
 
+    def length_bounds(self, conversations: list[list[dict]]) -> list[int] | None:
+        """An upper bound on each conversation's token count (as encode_many counts it), without
+        tokenizing; None for a slow tokenizer, whose pieces posttrain cannot reason about.
+
+        Every token a fast tokenizer's model emits covers at least one byte of the normalized text
+        (WordLevel, WordPiece and Unigram tokens cover whole characters, byte-level BPE and byte
+        fallback one byte or more; an added token like "<|im_start|>" covers many), so the count is
+        at most the UTF-8 bytes of the text after the tokenizer's own normalizer, plus a prefix the
+        pre-tokenizer may put before each separately tokenized segment (Metaspace's "▁", ByteLevel's
+        space: allowed 4 bytes each). The data stage tokenizes only the rows this cannot clear."""
+        # context and reply per turn, the whitespace after the last, a spare
+        return self.text_bounds([self.render(messages) for messages in conversations], [2 * len(messages) + 2 for messages in conversations])
+
+    def text_bounds(self, texts: list[str], segments: list[int]) -> list[int] | None:
+        """length_bounds for texts already rendered, each tokenized as `segments` separate pieces."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        normalizer = self.tokenizer.backend_tokenizer.normalizer
+        if normalizer is not None:
+            texts = [normalizer.normalize_str(text) for text in texts]
+        return [len(text.encode("utf-8")) + 4 * pieces for text, pieces in zip(texts, segments)]
+
     def encode_rows(self, records: list[dict], max_length: int, reply_key: str = "response", train_on: str = "all") -> list[dict]:
         return self.encode_many([record_messages(record, reply_key) for record in records], max_length, train_on)
 
@@ -210,19 +248,33 @@ class ChatFormat:
         """Token ids of each record's generation prompt (the context before its reply)."""
         return token_ids(self.tokenizer, [self.prompt(record_messages(record, None)) for record in records])
 
-    def split_replies(self, records: list[dict], reply_keys: tuple[str, ...] = ("chosen", "rejected")) -> list[dict]:
+    def split_replies(self, records: list[dict], reply_keys: tuple[str, ...] = ("chosen", "rejected"), prompt_ids: bool = True) -> list[dict]:
         """Per record `prompt_ids` (the context, generation prompt included) and `<key>_ids` for
-        each reply (the reply with its end-of-turn marker): what preference trainers score."""
-        texts = []
+        each reply (the reply with its end-of-turn marker): what preference trainers score.
+        `prompt_ids=False` gives the context as `prompt_text`, untokenized."""
+        texts, contexts = [], []
         for record in records:
             context = self.prompt(record_messages(record, None))
-            texts.append(context)
+            if prompt_ids:
+                texts.append(context)
+            else:
+                contexts.append(context)
             for key in reply_keys:
+                if self._reply_pieces is not None:  # one template call per record instead of three
+                    lead, after = self._reply_pieces
+                    texts.append((lead + record[key] + after).rstrip())
+                    continue
                 through = self.render(record_messages(record, key))
                 if not through.startswith(context):
                     raise TemplateError("the chat template renders the prompt differently once a reply follows it")
                 texts.append(through[len(context) :].rstrip())
         flat = token_ids(self.tokenizer, texts)
+        if not prompt_ids:
+            width = len(reply_keys)
+            return [
+                {"prompt_text": contexts[row], **{f"{key}_ids": flat[row * width + k] for k, key in enumerate(reply_keys)}}
+                for row in range(len(records))
+            ]
         width = 1 + len(reply_keys)
         return [
             {"prompt_ids": flat[row * width], **{f"{key}_ids": flat[row * width + 1 + k] for k, key in enumerate(reply_keys)}}

@@ -22,21 +22,40 @@ from posttrain import formatting
 REWARD_BATCH = 64  # sequences per reward-model forward; inference only
 
 
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first into batches of at most `max_rows` rows and `max_tokens`
+    padded tokens (one over-long row still gets a batch of its own)."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[index] <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 @torch.no_grad()
-def completion_scores(model, examples: list[dict], pad_id: int, batch_size: int = 64) -> tuple[float, torch.Tensor]:
+def completion_scores(model, examples: list[dict], pad_id: int, batch_size: int = 64, max_tokens: int = 16384) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy per completion token, and the model's argmax at every completion position."""
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_tokens, predictions = 0.0, 0, []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in formatting.pad_batch(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    total_loss, total_tokens = 0.0, 0
+    # Batches of similar length pad little (on Alpaca lengths ~2x less work than file order), and a
+    # token budget bounds the logits' memory on a real vocabulary; the predictions go back to the
+    # examples' order, so two models' argmaxes still line up.
+    per_example: list[torch.Tensor | None] = [None] * len(examples)
+    for chunk in length_batches([len(example["input_ids"]) for example in examples], batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in formatting.pad_batch([examples[index] for index in chunk], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
         # Position t predicts token t+1: score where the NEXT token is a completion token.
         mask = batch["labels"][:, 1:] != formatting.IGNORE_INDEX
         selected = logits[mask]
         total_loss += F.cross_entropy(selected, batch["labels"][:, 1:][mask], reduction="sum").item()
         total_tokens += selected.shape[0]
-        predictions.append(selected.argmax(-1).cpu())
+        argmax = logits.argmax(-1).cpu()
+        for row, index in enumerate(chunk):
+            per_example[index] = argmax[row][mask[row].cpu()]
+    predictions = [tensor for tensor in per_example if tensor is not None]
     return total_loss / max(total_tokens, 1), torch.cat(predictions) if predictions else torch.empty(0)
 
 

@@ -50,7 +50,7 @@ def trainer_defaults(out_dir: Path, seed: int) -> dict:
 CHECKPOINT_DIR_ENV = "POSTTRAIN_CHECKPOINT_DIR"  # set by posttrain.runner: <store_root>/checkpoints/<stage>/<fingerprint>
 
 
-def checkpointing(every: int, logging_steps: int, max_steps: int) -> tuple[dict, str | None]:
+def checkpointing(every: int, logging_steps: int, max_steps: int, required: tuple[str, ...] = ()) -> tuple[dict, str | None]:
     """Trainer arguments that save a full checkpoint (weights, optimizer, scheduler, every RNG, the
     step and so the data position) every `every` optimizer steps, and the newest complete checkpoint
     to resume from (None: start fresh).
@@ -66,7 +66,9 @@ def checkpointing(every: int, logging_steps: int, max_steps: int) -> tuple[dict,
 
     Checkpoints fall on logging steps (`every` rounded up to a multiple of `logging_steps`), so the
     losses logged after a resume average the same windows as an uninterrupted run's: the setting is
-    not in the cache key, and loss_history.json, like the weights, is the same bytes either way."""
+    not in the cache key, and loss_history.json, like the weights, is the same bytes either way.
+    `required`: files a stage writes into each checkpoint after transformers does (DPO's replay
+    sampler state); a checkpoint without them is incomplete too."""
     folder = os.environ.get(CHECKPOINT_DIR_ENV)
     if not every or not folder:
         return {}, None
@@ -77,7 +79,7 @@ def checkpointing(every: int, logging_steps: int, max_steps: int) -> tuple[dict,
     complete = []
     for candidate in root.glob("checkpoint-*"):
         step = int(candidate.name.rsplit("-", 1)[1])
-        if (candidate / "trainer_state.json").is_file() and step < max_steps:
+        if all((candidate / name).is_file() for name in ("trainer_state.json", *required)) and step < max_steps:
             complete.append((step, candidate))
         else:
             shutil.rmtree(candidate, ignore_errors=True)
@@ -90,6 +92,91 @@ def checkpointing(every: int, logging_steps: int, max_steps: int) -> tuple[dict,
         "save_only_model": False,
     }
     return arguments, latest
+
+
+class LoopCheckpoints:
+    """Checkpoints for a stage's own training loop (distillation, PPO, GRPO; the Trainer-based stages
+    use `checkpointing`): each model through safetensors; the optimizers' and schedulers' state, the
+    torch RNG and the loop's own state (step, losses, samplers' positions) through `torch.save`,
+    loaded back with `weights_only=True`, never a full unpickle.
+
+        checkpoints = LoopCheckpoints(config.checkpoint_every, max_steps)
+        step, loop = checkpoints.resume({"student": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        ... after each optimizer step (1-based):
+        checkpoints.maybe_save(step, {"student": model}, {"optimizer": ..., "scheduler": ...}, {"history": ...})
+
+    `resume` returns (0, None) when there is nothing to resume. The folder is the runner's, keyed by
+    the stage's fingerprint, so only the same work resumes. A checkpoint is written to
+    `checkpoint-N.tmp` and renamed when complete; only the newest is kept; none is taken at the last
+    step, where the stage saves the model itself."""
+
+    def __init__(self, every: int, max_steps: int):
+        folder = os.environ.get(CHECKPOINT_DIR_ENV)
+        self.root = Path(folder) if every and folder else None
+        self.every, self.max_steps = every, max_steps
+
+    def _complete(self) -> list[tuple[int, Path]]:
+        import shutil
+
+        found = []
+        for candidate in self.root.glob("checkpoint-*"):
+            step = candidate.name.removeprefix("checkpoint-")
+            if step.isdigit() and (candidate / "loop_state.pt").is_file() and int(step) < self.max_steps:
+                found.append((int(step), candidate))
+            else:
+                shutil.rmtree(candidate, ignore_errors=True)  # cut off mid-save, or past the plan
+        return sorted(found)
+
+    def resume(self, models: dict, stateful: dict) -> tuple[int, dict | None]:
+        if self.root is None or not self.root.is_dir():
+            return 0, None
+        complete = self._complete()
+        if not complete:
+            return 0, None
+        from safetensors.torch import load_model
+
+        step, folder = complete[-1]
+        for name, model in models.items():
+            load_model(model, folder / f"{name}.safetensors", device=str(next(model.parameters()).device))
+        saved = torch.load(folder / "loop_state.pt", weights_only=True)
+        for name, thing in stateful.items():
+            thing.load_state_dict(saved["state"][name])
+        torch.set_rng_state(saved["torch_rng"])
+        if torch.cuda.is_available() and "cuda_rng" in saved:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        return step, saved["loop"]
+
+    def maybe_save(self, step: int, models: dict, stateful: dict, loop_state: dict) -> None:
+        """After optimizer step `step` (1-based): save when it is a checkpoint step."""
+        if self.root is None or step % self.every or step >= self.max_steps:
+            return
+        import shutil
+
+        from safetensors.torch import save_model
+
+        staging = self.root / f"checkpoint-{step}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name, model in models.items():
+            save_model(model, str(staging / f"{name}.safetensors"))  # handles tied embeddings
+        state = {"state": {name: thing.state_dict() for name, thing in stateful.items()}, "torch_rng": torch.get_rng_state(), "loop": loop_state}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, staging / "loop_state.pt")
+        for older in self.root.glob("checkpoint-*"):
+            if older != staging:
+                shutil.rmtree(older, ignore_errors=True)
+        staging.rename(self.root / f"checkpoint-{step}")
+
+
+def random_state(generator) -> list:
+    """A `random.Random`'s state as plain lists (what `torch.load(weights_only=True)` reads back)."""
+    version, internal, gauss = generator.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_random_state(generator, state: list) -> None:
+    generator.setstate((state[0], tuple(state[1]), state[2]))
 
 
 def resumed_step(checkpoint: str | None) -> int:

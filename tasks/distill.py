@@ -21,6 +21,12 @@ keeps the gradient scale of the soft term independent of T (Hinton et al.). `alp
 plain-SFT control FIELD_NOTES asks every distillation to be compared against; the teacher is then
 only run for the eval figures.
 
+Only the rows the steps reach are encoded (steps x batch, in chunks of 256, from the data stage's
+seeded hash order), and the eval figures use the first `eval_rows` eval rows, so a short run on a
+big corpus costs what its steps cost. Every `checkpoint_every` steps the loop saves the student,
+AdamW, the schedule, the RNG and its losses (posttrain.training.LoopCheckpoints); a later run of
+the same work resumes from the newest and ends with the weights of an uninterrupted run.
+
 The student shares the teacher's tokenizer (same vocabulary, so their logits line up): a tiny
 Llama built with posttrain.models.build_tiny when the teacher is one, otherwise the teacher's own
 config class with the student's smaller dimensions. Output: the student (safetensors + tokenizer)
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from data_contracts import check_instruction_rows
-from posttrain import formatting
+from posttrain import failpoints, formatting
 from posttrain.artifacts import Artifact
 from posttrain.config import DistillConfig, StudentConfig, TinyModelConfig
 from posttrain.formatting import ChatFormat
@@ -55,7 +61,7 @@ from posttrain.models import (
     save_pretrained,
 )
 from posttrain.scoring import completion_scores
-from posttrain.training import Throughput, write_loss_history
+from posttrain.training import LoopCheckpoints, Throughput, write_loss_history
 
 IGNORE = formatting.IGNORE_INDEX
 DATA_FILES = ("data_contracts/distill_tokenized.json",)  # the tokenized contract this stage runs before training
@@ -75,6 +81,18 @@ def trainable(examples: list[dict]) -> list[dict]:
     """The encoded rows that keep a completion token within max_length (the others have no
     completion position to learn from)."""
     return [example for example in examples if any(label != IGNORE for label in example["labels"][1:])]
+
+
+def encode_until_trainable(chat: ChatFormat, rows: list[dict], max_length: int, needed: int) -> tuple[list[dict], list[dict]]:
+    """The first rows, and their encodings, until `needed` of them are trainable (or the rows run out:
+    then all of them, and the schedule runs several epochs)."""
+    used, encoded, kept = 0, [], 0
+    while used < len(rows) and kept < needed:
+        chunk = chat.encode_rows(rows[used : used + max(needed - kept, 256)], max_length)
+        encoded += chunk
+        used += len(chunk)
+        kept += len(trainable(chunk))
+    return rows[:used], encoded
 
 
 def completion_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -222,11 +240,16 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
     tokenizer = load_tokenizer(teacher_dir)
     pad_id = tokenizer.pad_token_id
     train_path, eval_path = data_dir / "instruction" / "train.jsonl", data_dir / "instruction" / "eval.jsonl"
-    train_rows, eval_rows = read_instruction_rows(train_path), read_instruction_rows(eval_path)
-    # Encoded once with the chat template; rows with no completion token within max_length are dropped
-    # below, and the tokenized contract bounds them (and truncation) before the first step.
+    train_rows, eval_rows = read_instruction_rows(train_path), read_instruction_rows(eval_path)[: config.eval_rows]
+    train_rows_available = len(train_rows)
+    # Encoded once with the chat template, only as many rows as the steps will see (the file is in a
+    # seeded hash order, so its first rows are a random sample); rows with no completion token
+    # within max_length are dropped below, and the tokenized contract bounds them (and truncation)
+    # before the first step.
+    chat = ChatFormat(tokenizer)
+    train_rows, encoded_train = encode_until_trainable(chat, train_rows, config.max_length, config.max_steps * config.batch_size)
     records = {"train": train_rows, "eval": eval_rows}
-    encoded = {split: ChatFormat(tokenizer).encode_rows(rows, config.max_length) for split, rows in records.items()}
+    encoded = {"train": encoded_train, "eval": chat.encode_rows(eval_rows, config.max_length)}
     contract = check_instruction_rows("distill", records, encoded, out_dir, overlong="truncated")
     train_examples, eval_examples = trainable(encoded["train"]), trainable(encoded["eval"])
     for path, examples in ((train_path, train_examples), (eval_path, eval_examples)):
@@ -235,8 +258,8 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
 
     teacher = load_causal_lm(teacher_dir).to(device)
     student = build_student(teacher, tokenizer, config.student, seed).to(device)
-    teacher_eval_loss, teacher_predictions = completion_scores(teacher, eval_examples, pad_id, config.batch_size)
-    initial_eval_loss, initial_predictions = completion_scores(student, eval_examples, pad_id, config.batch_size)
+    teacher_eval_loss, teacher_predictions = completion_scores(teacher, eval_examples, pad_id)
+    initial_eval_loss, initial_predictions = completion_scores(student, eval_examples, pad_id)
 
     # The rows the student will see, and the teacher's top-k logits for each of them, computed once.
     schedule = row_schedule(len(train_examples), config.max_steps * config.batch_size, seed)
@@ -262,8 +285,15 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
     history: list[tuple[int, float]] = []
     tokens = 0
     ce_value = kd_value = 0.0
+    # The data position is the step: the schedule is fixed by the seed, so a resumed run sees the
+    # rows an uninterrupted one would.
+    checkpoints = LoopCheckpoints(config.checkpoint_every, config.max_steps)
+    first_step, saved = checkpoints.resume({"student": student}, {"optimizer": optimizer, "scheduler": scheduler})
+    if saved is not None:
+        history = [(int(step), float(loss)) for step, loss in saved["history"]]
+        tokens, ce_value, kd_value = int(saved["tokens"]), float(saved["ce"]), float(saved["kd"])
     student.train()
-    for step in range(config.max_steps):
+    for step in range(first_step, config.max_steps):
         rows = schedule[step * config.batch_size : (step + 1) * config.batch_size]
         batch = {k: v.to(device) for k, v in formatting.pad_batch([train_examples[i] for i in rows], pad_id).items()}
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -281,6 +311,7 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        failpoints.reach("train-step")  # gradients computed, weights not yet updated: mid step
         optimizer.step()
         scheduler.step()
 
@@ -288,9 +319,11 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
         tokens += int(batch["attention_mask"].sum())
         history.append((step + 1, loss.item()))
         meter.update(step + 1, tokens, history[-1][1])
+        loop_state = {"history": history, "tokens": tokens, "ce": ce_value, "kd": kd_value}
+        checkpoints.maybe_save(step + 1, {"student": student}, {"optimizer": optimizer, "scheduler": scheduler}, loop_state)
     training = meter.summary()
 
-    student_eval_loss, student_predictions = completion_scores(student, eval_examples, pad_id, config.batch_size)
+    student_eval_loss, student_predictions = completion_scores(student, eval_examples, pad_id)
     save_pretrained(student.cpu(), tokenizer, out_dir)
     write_loss_history(out_dir, history)
 
@@ -309,7 +342,9 @@ def run(config: DistillConfig, inputs: dict[str, Artifact], out_dir: Path) -> Ar
         "agreement": round(_agreement(student_predictions, teacher_predictions), 4),
         "eval_positions": int(teacher_predictions.numel()),
         "teacher_precompute_seconds": round(precompute_seconds, 2),
-        "train_rows": len(train_examples),
+        "resumed_from_step": first_step,
+        "train_rows": len(train_examples),  # the trainable rows encoded: as many as the steps use
+        "train_rows_available": train_rows_available,
         "final_ce_loss": round(ce_value, 5),
         "contract_expectations_passed": contract["passed"],
     }

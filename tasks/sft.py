@@ -135,6 +135,15 @@ class PlainLossSFTTrainer(SFTTrainer):
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
+def rows_needed(config: SftConfig, devices: int) -> int | None:
+    """How many training rows `max_steps` steps consume (steps x global batch); None when every row
+    may be used: `epochs` derives the steps from the data, and packed bins hold an unknown number of rows."""
+    if config.epochs is not None or config.batching == "packed":
+        return None
+    del devices  # the global batch is the same on any number of devices (training_schedule)
+    return config.max_steps * (config.global_batch or config.batch_size * config.grad_accum)
+
+
 def training_schedule(config: SftConfig, train_rows: int, devices: int) -> tuple[int, int, int]:
     """(optimizer steps, gradient accumulation, micro-batch per device) from the config and the data.
 
@@ -188,6 +197,13 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     }
     if not records["train"]:
         raise ValueError(f"{data_dir / 'instruction' / 'train.jsonl'}: no instruction rows to train on")
+    train_rows_available = len(records["train"])
+    # Tokenize, check and hand over only the rows the steps will use: 2 steps on Alpaca's 48k rows
+    # should not pay for encoding all of them. The file is already in a seeded hash order, so its
+    # first rows are a random sample, and the trainer's shuffle orders them.
+    needed = rows_needed(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if needed is not None and needed < len(records["train"]):
+        records["train"] = records["train"][:needed]
     # Encoded once with the model's chat template (loss on the assistant replies), checked by the
     # tokenized contract before the first step, and handed to the trainer as they are.
     encoded = {split: chat.encode_rows(rows, config.max_length, train_on=config.train_on) for split, rows in records.items()}
@@ -259,7 +275,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         **progress.summary(),
         "parameters": count_parameters(trained),
         "trainable_parameters": trainable,
-        "train_rows": len(records["train"]),
+        "train_rows": train_rows_available,
+        "train_rows_used": len(records["train"]),
         "train_sequences": len(train_dataset),  # bins when packed
         "optimizer_steps": trainer.state.global_step,
         "resumed_from_step": resumed_step(resume_from),

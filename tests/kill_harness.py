@@ -129,3 +129,19 @@ def start_worker(pool: str, workdir: Path, env: dict[str, str], log: Path) -> su
     return subprocess.Popen(
         cli("worker", "--pool", pool), cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+def stop_inside_step(monkeypatch, step: int, reaches_per_step: int = 1) -> None:
+    """In-process stand-in for a kill: `failpoints.reach("train-step")` (after the gradients, before
+    the update) raises at its `step × reaches_per_step`-th call, so optimizer step `step` never
+    lands (PPO reaches the point once per minibatch update: epochs × minibatches per step)."""
+    from posttrain import failpoints
+
+    calls = {"n": 0}
+
+    def reach(point, *args, **kwargs):
+        calls["n"] += point == "train-step"
+        if calls["n"] == step * reaches_per_step:
+            raise KeyboardInterrupt(f"stopped inside step {step}")
+
+    monkeypatch.setattr(failpoints, "reach", reach)

@@ -46,7 +46,7 @@ def instruction_splits() -> dict[str, list[dict]]:
 
 def test_every_suite_has_severities_and_builds_in_gx():
     assert suite_names() == SUITES
-    gx = check._import_gx()
+    gx = check.import_gx()
     for name in suite_names():
         spec = load_suite(name)
         assert {e["meta"]["severity"] for e in spec["expectations"]} <= {"critical", "warning"}

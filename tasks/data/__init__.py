@@ -86,12 +86,13 @@ class RoleStream:
         self.near = dedup.NearDupIndex(config.near_dup) if config.near_dup.enabled else None
         self.path = work_dir / f"{role}.jsonl"
         self.handle = self.path.open("w+b")
-        self.offsets, self.hashes = array("q"), array("q")
+        self.offsets, self.hashes, self.key_digests = array("q"), array("q"), array("q")
 
     def dedup(self, rows: list[Row], removals: Removals, origins: Origins) -> list[Row]:
         kept = []
         for row in rows:
-            earlier = self.exact.first_seen(dedup_key(row.record, self.fields), row.row_id)
+            row.dedup_key = dedup_key(row.record, self.fields)
+            earlier = self.exact.first_seen(row.dedup_key, row.row_id)
             if earlier is None:
                 kept.append(row)
             else:
@@ -113,7 +114,8 @@ class RoleStream:
         for row in rows:
             self.offsets.append(self.handle.tell())
             self.handle.write(json.dumps(output_record(row), ensure_ascii=False).encode() + b"\n")
-            self.hashes.append(key_digest(f"{self.config.seed}\x1f{dedup_key(row.record, self.fields)}"))
+            self.hashes.append(key_digest(f"{self.config.seed}\x1f{row.dedup_key}"))
+            self.key_digests.append(key_digest(row.dedup_key))
 
     def write_splits(self, out_dir: Path) -> tuple[dict[str, int], CleanFrameBuilder]:
         """<role>/{train,eval}.jsonl in hash order; the row counts and the clean-suite columns."""
@@ -126,7 +128,7 @@ class RoleStream:
                 line = self.handle.readline()
                 split = "eval" if rank < n_eval else "train"
                 (held_out if rank < n_eval else train).write(line)
-                builder.add(json.loads(line), split)
+                builder.add(json.loads(line), split, known_digest=self.key_digests[position])
         self.handle.close()
         self.path.unlink()
         return {"train": len(order) - n_eval, "eval": n_eval}, builder
@@ -141,6 +143,10 @@ def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
     )
 
     out_dir = Path(out_dir)
+    if config.contract_suites:
+        from data_contracts.check import import_gx
+
+        import_gx()  # ~1.5 s the first time in a process: an import, not this stage's work
     started = time.perf_counter()
     if "base" not in inputs:
         raise ValueError("data stage: missing input 'base' (its tokenizer measures row lengths)")

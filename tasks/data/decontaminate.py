@@ -70,6 +70,9 @@ class BenchmarkIndex:
 
     def _ngram_hits(self, text: str) -> set[str]:
         text_words = words(text)
+        windows = zip(*(text_words[offset:] for offset in range(self.probe)))
+        if self.by_window.keys().isdisjoint(windows):  # the common case, decided in C
+            return set()
         hits, found = set(), set()
         for start in range(len(text_words) - self.probe + 1):
             for position in self.by_window.get(tuple(text_words[start : start + self.probe]), ()):

@@ -45,6 +45,7 @@ class Row:
     source: str
     source_row: int
     row_id: int = -1
+    dedup_key: str = ""  # set by exact dedup, reused by the split hash and the clean frame
 
     def origin(self) -> dict:
         return {"source": self.source, "source_row": self.source_row}

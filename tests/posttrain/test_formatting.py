@@ -112,3 +112,39 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
     chat = ChatFormat(chatml_tokenizer(forgetful))
     with pytest.raises(TemplateError, match="prefix-preserving"):
         chat.encode_many([THREE_TURNS], max_length=1024)
+
+
+def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2/Mistral's shape: a normalizer that prepends "▁" and turns spaces into it, BPE with
+    byte fallback, so a character outside the vocabulary becomes one token per UTF-8 byte."""
+    from tokenizers import normalizers
+
+    rng = random.Random(1)
+    corpus = [f"{p} {a}" for p, a in (skills.sample(name, rng) for name in list(skills.SKILLS) * 30)]
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    specials = ["<unk>", "<s>", "</s>", *[f"<0x{byte:02X}>" for byte in range(256)]]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["char", "chatml", "sentencepiece"])
+def test_the_length_bound_is_never_below_the_token_count(kind):
+    # The data stage keeps a row on this bound without tokenizing it, so a bound below the real
+    # count would let an over-long row through. Mixed scripts, emoji, runs of spaces, newlines.
+    tokenizer = {"char": build_char_tokenizer, "chatml": chatml_tokenizer, "sentencepiece": sentencepiece_style_tokenizer}[kind]()
+    chat = ChatFormat(tokenizer)
+    rng = random.Random(2)
+    alphabet = list("abc XYZ 123 \n\t  ") + ["é", "ß", "中文", "🙂", "▁", "Ω", "<|im_end|>", "</s>"]
+    conversations = []
+    for _ in range(300):
+        prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        reply = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        conversations.append(record_messages({"prompt": prompt, "response": reply}))
+    conversations.append(THREE_TURNS)
+    bounds = chat.length_bounds(conversations)
+    exact = [len(encoded["input_ids"]) for encoded in chat.encode_many(conversations, max_length=1 << 30)]
+    assert all(bound >= count for bound, count in zip(bounds, exact)), [(b, c) for b, c in zip(bounds, exact) if b < c][:3]
+    # and it is a useful bound: within a few bytes a character for plain ASCII text
+    ascii_rows = [record_messages({"prompt": "sort " + "dcba" * 50, "response": "abcd" * 50})]
+    assert chat.length_bounds(ascii_rows)[0] <= 2 * len(chat.encode_many(ascii_rows, max_length=1 << 30)[0]["input_ids"]) + 40

@@ -7,6 +7,8 @@ error tests stop at ingest and cost milliseconds.
 from __future__ import annotations
 
 import json
+import random
+import tempfile
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -316,3 +318,39 @@ def test_same_config_gives_byte_identical_output(tmp_path, tiny_base, tiny_bench
         digests.append(digest_dir(out_dir))
     assert digests[0] == digests[1]  # contract results included: their load timestamp is dropped
     assert artifact.manifest["contracts"]["instruction_clean"]["passed"] == 13
+
+
+def test_the_length_filter_keeps_exactly_what_full_tokenization_keeps(tiny_base, monkeypatch):
+    # The filter skips tokenizing rows whose byte bound clears max_tokens; forced to tokenize every
+    # row (no bound), it must keep and drop the same rows, with the same token counts in rejected.jsonl.
+    from posttrain.config import DataConfig
+    from posttrain.formatting import ChatFormat
+    from posttrain.models import load_tokenizer
+    from tasks.data.clean import filter_batch
+    from tasks.data.records import Removals, Row
+
+    rng = random.Random(3)
+    records = []
+    for index in range(400):
+        length = rng.choice([5, 40, 58, 59, 60, 61, 62, 90, 200])
+        records.append(("instruction", {"prompt": "p" * rng.randint(1, 20), "response": "r" * length}))
+    for index in range(100):
+        records.append(("preference", {"prompt": "q" * rng.randint(1, 30), "chosen": "c" * rng.randint(1, 60), "rejected": "d" * rng.randint(1, 60)}))
+    config = DataConfig(sources=[{"path": "x.jsonl", "role": "instruction"}], max_tokens=70, min_response_chars=1)
+    chat = ChatFormat(load_tokenizer(tiny_base.path))
+
+    def filtered(folder):
+        folder.mkdir()
+        with Removals(folder / "rejected.jsonl") as removals:
+            kept = []
+            for role in ("instruction", "preference"):
+                rows = [Row(role, dict(record), dict(record), "x.jsonl", i, row_id=i) for i, (r, record) in enumerate(records) if r == role]
+                kept += [row.row_id for row in filter_batch(rows, config, chat, removals)]
+        return kept, (folder / "rejected.jsonl").read_text()
+
+    with_bound = filtered(Path(tempfile.mkdtemp()) / "bound")
+    monkeypatch.setattr(ChatFormat, "length_bounds", lambda self, conversations: None)
+    monkeypatch.setattr(ChatFormat, "text_bounds", lambda self, texts, segments: None)
+    exact = filtered(Path(tempfile.mkdtemp()) / "exact")
+    assert with_bound == exact
+    assert 0 < len(with_bound[0]) < len(records)  # the limit cut through the rows

@@ -76,6 +76,8 @@ def test_distill_saves_a_smaller_student_that_learns(teacher, tiny_data, tmp_pat
 
     # The teacher ran once, over exactly the rows the schedule reaches, before training started.
     assert m["teacher_rows"] == min(STEPS * BATCH, m["train_rows"])
+    # Only the rows the schedule can reach are encoded (in chunks of at least 256).
+    assert m["train_rows_available"] == 540 and m["train_rows"] <= max(STEPS * BATCH, 256)
     assert m["teacher_precompute_seconds"] > 0 and m["train_seconds"] > 0
     assert m["tokens_per_second"] > 0 and m["train_steps"] == STEPS
     assert 0 < m["teacher_topk_mass"] <= 1.0
@@ -164,3 +166,30 @@ def test_bad_inputs_fail_with_one_line_errors(teacher, tiny_data, tmp_path):
         _distill(teacher, tiny_data, tmp_path / "b", student=StudentConfig(hidden_size=30, num_heads=4))
     with pytest.raises(ValueError, match="missing input 'data'"):
         distill.run(DistillConfig(), {"teacher": teacher}, tmp_path)
+
+
+def test_a_run_stopped_mid_step_resumes_from_its_checkpoint_to_the_same_weights(teacher, tiny_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from posttrain import failpoints
+    from posttrain.training import CHECKPOINT_DIR_ENV
+    from tests.kill_harness import stop_inside_step
+
+    def weights(folder):
+        return load_file(folder / "model.safetensors")
+
+    uninterrupted = _distill(teacher, tiny_data, tmp_path / "clean", max_steps=12)
+    checkpoints = tmp_path / "checkpoints"
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(checkpoints))
+    stop_inside_step(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(teacher, tiny_data, tmp_path / "killed", max_steps=12, checkpoint_every=4)
+    assert [path.name for path in checkpoints.iterdir()] == ["checkpoint-8"]  # the newest only, complete
+
+    monkeypatch.setattr(failpoints, "reach", lambda *args, **kwargs: None)
+    resumed = _distill(teacher, tiny_data, tmp_path / "resumed", max_steps=12, checkpoint_every=4)
+    assert resumed.metrics["resumed_from_step"] == 8 and resumed.metrics["train_steps"] == 12
+    expected, got = weights(tmp_path / "clean"), weights(tmp_path / "resumed")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "clean")
+    assert uninterrupted.metrics["resumed_from_step"] == 0

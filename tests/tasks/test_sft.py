@@ -9,6 +9,9 @@ from transformers import AutoModelForCausalLM
 
 import tasks.sft
 from posttrain.config import LoraConfig, SftConfig
+from posttrain.formatting import IGNORE_INDEX, ChatFormat
+from posttrain.jsonl import read_instruction_rows
+from posttrain.models import load_tokenizer
 
 
 def test_full_sft_lowers_heldout_loss_and_saves_hf_folder(tiny_base, tiny_data, tmp_path):
@@ -28,6 +31,19 @@ def test_full_sft_lowers_heldout_loss_and_saves_hf_folder(tiny_base, tiny_data, 
     assert history[-1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)
+
+
+def test_a_short_run_encodes_only_the_rows_its_steps_use(tiny_base, tiny_data, tmp_path):
+    # 2 steps of 4 rows read 8 rows of the 540: encoding, the tokenized contract and the trainer's
+    # dataset cover those 8, so a short run on a big corpus costs what its steps cost.
+    artifact = tasks.sft.run(SftConfig(max_steps=2, batch_size=4, seed=0, eval_rows=8), {"base": tiny_base, "data": tiny_data}, tmp_path)
+    metrics = artifact.metrics
+    assert metrics["train_rows"] == 540 and metrics["train_rows_used"] == metrics["train_sequences"] == 8
+    chat = ChatFormat(load_tokenizer(tiny_base.path))
+    first_rows = read_instruction_rows(tiny_data.path / "instruction" / "train.jsonl")[:8]
+    trained = sum(label != IGNORE_INDEX for encoded in chat.encode_rows(first_rows, SftConfig().max_length) for label in encoded["labels"])
+    assert metrics["train_tokens_trained_on"] == trained
+    assert metrics["optimizer_steps"] == 2
 
 
 def test_lora_trains_adapters_only_and_merges(tiny_base, tiny_data, tmp_path):
