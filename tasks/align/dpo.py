@@ -28,9 +28,11 @@ answers, before and after.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from data_contracts import check_preference_rows
@@ -39,7 +41,17 @@ from posttrain.config import DpoConfig
 from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, parse_completion
 from posttrain.jsonl import read_instruction_rows, read_jsonl, read_preference_pairs
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained
-from posttrain.training import ProgressCallback, last_logged, quiet, remove_scratch, trainer_defaults, write_loss_history
+from posttrain.training import (
+    ProgressCallback,
+    checkpointing,
+    last_logged,
+    logged_losses,
+    quiet,
+    remove_scratch,
+    resumed_step,
+    trainer_defaults,
+    write_loss_history,
+)
 from tasks.align.rollout import Replay, sample, sampled_kl
 
 SCORE_BATCH = 64  # sequences per forward when scoring; inference only
@@ -98,6 +110,26 @@ class EncodedDPOTrainer(DPOTrainer):
             return result
         extra = self.replay_weight * self.replay.nll(model)
         return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+
+REPLAY_STATE = "replay_rng.json"  # the replay sampler's position, beside each checkpoint
+
+
+class ReplayCheckpoint(TrainerCallback):
+    """Saves the replay sampler's RNG into each checkpoint the trainer writes, so a resumed run
+    draws the replay rows an uninterrupted one would (the trainer restores its own data position)."""
+
+    def __init__(self, replay: Replay):
+        self.replay = replay
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / REPLAY_STATE).write_text(json.dumps(self.replay.state_dict()))
+
+    @staticmethod
+    def restore(replay: Replay, checkpoint: str) -> None:
+        replay.load_state_dict(json.loads((Path(checkpoint) / REPLAY_STATE).read_text()))
 
 
 def on_policy_pairs(model, chat: ChatFormat, rows: list[dict], samples: int, temperature: float, seed: int) -> list[dict]:
@@ -183,10 +215,14 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     before = held_out_metrics(eval_reference, eval_reference, config.beta, prefix="eval_before_")
 
     train_dataset = Dataset.from_list(parts["train"])
+    logging_steps = max(1, min(10, config.max_steps // 10))
+    replayed = config.replay_weight > 0
+    checkpoints, resume_from = checkpointing(config.checkpoint_every, logging_steps, config.max_steps, required=(REPLAY_STATE,) if replayed else ())
     args = DPOConfig(
         **{
             **trainer_defaults(out_dir, seed),
-            "logging_steps": max(1, min(10, config.max_steps // 10)),
+            "logging_steps": logging_steps,
+            **checkpoints,
         },
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -211,11 +247,14 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         processing_class=tokenizer,
         callbacks=[progress],
     )
-    if config.replay_weight > 0:
+    if replayed:
         trainer.replay = Replay(ChatFormat(tokenizer), read_instruction_rows(data_dir / "instruction" / "train.jsonl"), config.replay_rows, config.max_length, seed)
         trainer.replay_weight = config.replay_weight
+        trainer.add_callback(ReplayCheckpoint(trainer.replay))
+        if resume_from is not None:
+            ReplayCheckpoint.restore(trainer.replay, resume_from)
     quiet(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
 
     eval_policy = pair_logps(trainer.model, parts["eval"], tokenizer.pad_token_id, config.max_length)
     reference_model = reference if reference is not None else load_causal_lm(sft_dir, dtype="float32")
@@ -223,13 +262,14 @@ def run(config: DpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     final_kl = sampled_kl(trainer.model, reference_model.eval(), ChatFormat(tokenizer), eval_rows[:KL_PROMPTS], max_new_tokens=32)
     after = held_out_metrics(eval_reference, eval_policy, config.beta, prefix="eval_")
     save_pretrained(trainer.model, tokenizer, out_dir)
-    write_loss_history(out_dir, progress.loss_history)
+    write_loss_history(out_dir, logged_losses(trainer))  # those before a resume too
     remove_scratch(out_dir)
 
     summary = progress.summary()
     metrics = {
         **summary,
         "reference_precomputed": int(precompute),
+        "resumed_from_step": resumed_step(resume_from),
         "seconds_per_step": round(summary["train_seconds"] / max(summary["train_steps"], 1), 4),
         **before,  # implicit reward before training: 0.5 accuracy, 0 margin by construction (the chance line)
         **after,

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import GrpoConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows, read_jsonl
 from posttrain.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.training import LoopCheckpoints
 from tasks.align.rewards import check_names
 from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_curves
 from tasks.align.rollout import (
@@ -96,9 +98,16 @@ def run(config: GrpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
     prompts = PromptSampler(prompt_rows, seed)
     group = config.group_size
     history = []
+    # Resumed from the newest checkpoint of the same work: weights, optimizer, schedule, the RNGs
+    # that draw the samples, the prompt and replay samplers' positions, and the history so far.
+    checkpoints = LoopCheckpoints(config.checkpoint_every, config.max_steps)
+    models, stateful = {"policy": policy}, {"optimizer": optimizer, "schedule": schedule, "prompts": prompts, "replay": replay}
+    first_step, saved = checkpoints.resume(models, stateful)
+    if saved is not None:
+        history = list(saved["history"])
     started = time.perf_counter()
     policy.train()
-    for step in range(1, config.max_steps + 1):
+    for step in range(first_step + 1, config.max_steps + 1):
         # -- rollouts, with dynamic sampling --------------------------------------------------
         kept, drawn, generation_seconds, generated = [], [], 0.0, 0
         rows, rounds = prompts.take(config.prompts_per_step), 0
@@ -138,6 +147,7 @@ def run(config: GrpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
         if config.replay_weight > 0:
             (config.replay_weight * replay_nll).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        failpoints.reach("train-step")  # gradients computed, weights not yet updated: mid step
         optimizer.step()
         schedule.step()
 
@@ -160,10 +170,11 @@ def run(config: GrpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artif
         }
         history.append(entry)
         print_progress("grpo", step, config.max_steps, entry, started)
+        checkpoints.maybe_save(step, models, stateful, {"history": history})
 
     save_pretrained(policy, tokenizer, out_dir)
     write_curves(out_dir, history, "grpo")
-    metrics = summary_metrics(history, policy, started)
+    metrics = {**summary_metrics(history, policy, started), "resumed_from_step": first_step}
     metrics["zero_variance_fraction"] = round(sum(h["zero_variance_fraction"] for h in history) / len(history), 4)
     return Artifact.draft(out_dir, metrics, reward_hacking=hacking_verdict(history, config), history=history)
 

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import PpoConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows, read_jsonl
 from posttrain.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.training import LoopCheckpoints
 from tasks.align.rewards import check_names
 from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_curves
 from tasks.align.rollout import (
@@ -104,6 +106,12 @@ class AdaptiveKL:
 
     def __init__(self, beta: float, target: float | None, horizon: int):
         self.beta, self.target, self.horizon = beta, target, horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
 
     def update(self, kl: float, n_steps: int) -> float:
         if self.target is not None:
@@ -179,10 +187,26 @@ def run(config: PpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     controller = AdaptiveKL(config.kl_beta, config.kl_target, config.kl_horizon)
     prompts = PromptSampler(prompt_rows, seed)
     history = []
+    # Resumed from the newest checkpoint of the same work: both models, both optimizers and
+    # schedules, the KL controller, the RNGs, the prompt and replay samplers and the history so far.
+    checkpoints = LoopCheckpoints(config.checkpoint_every, config.max_steps)
+    models = {"policy": policy, "critic": critic}
+    stateful = {
+        "policy_optimizer": policy_optimizer,
+        "critic_optimizer": critic_optimizer,
+        "policy_schedule": schedules[0],
+        "critic_schedule": schedules[1],
+        "kl_controller": controller,
+        "prompts": prompts,
+        "replay": replay,
+    }
+    first_step, saved = checkpoints.resume(models, stateful)
+    if saved is not None:
+        history = list(saved["history"])
     started = time.perf_counter()
     policy.train()
     critic.train()
-    for step in range(1, config.max_steps + 1):
+    for step in range(first_step + 1, config.max_steps + 1):
         rollout = sample(policy, chat, prompts.take(config.prompts_per_step), 1, config.temperature, config.max_new_tokens)
         step_started = time.perf_counter()
         mask = rollout.response_mask
@@ -213,6 +237,7 @@ def run(config: PpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
                 (loss + config.value_coef * v_loss).backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                failpoints.reach("train-step")  # gradients computed, weights not yet updated: mid step
                 policy_optimizer.step()
                 critic_optimizer.step()
                 for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_fraction", clip_fraction), ("entropy", entropy_mean), ("replay_nll", replay_nll)):
@@ -238,10 +263,12 @@ def run(config: PpoConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         }
         history.append(entry)
         print_progress("ppo", step, config.max_steps, entry, started)
+        checkpoints.maybe_save(step, models, stateful, {"history": history})
 
     save_pretrained(policy, tokenizer, out_dir)
     write_curves(out_dir, history, "ppo")
-    return Artifact.draft(out_dir, summary_metrics(history, policy, started), reward_hacking=hacking_verdict(history, config), history=history)
+    metrics = {**summary_metrics(history, policy, started), "resumed_from_step": first_step}
+    return Artifact.draft(out_dir, metrics, reward_hacking=hacking_verdict(history, config), history=history)
 
 
 if __name__ == "__main__":

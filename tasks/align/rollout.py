@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch
+from posttrain.training import random_state, set_random_state
 
 
 @dataclass
@@ -149,6 +150,12 @@ class Replay:
         self.batch_rows, self.pad_id = batch_rows, chat.tokenizer.pad_token_id
         self.random = random.Random(seed)
 
+    def state_dict(self) -> dict:
+        return {"random": random_state(self.random)}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_random_state(self.random, state["random"])
+
     def nll(self, model) -> torch.Tensor:
         batch = pad_batch(self.random.sample(self.examples, min(self.batch_rows, len(self.examples))), self.pad_id)
         device = next(model.parameters()).device
@@ -170,15 +177,23 @@ class PromptSampler:
     """Prompt rows in shuffled epochs, so every row is used before any repeats."""
 
     def __init__(self, rows: list[dict], seed: int):
-        self.rows, self.random, self.queue = rows, random.Random(seed), []
+        self.rows, self.random, self.queue = rows, random.Random(seed), []  # the queue holds row positions
 
     def take(self, count: int) -> list[dict]:
         out = []
         while len(out) < count:
             if not self.queue:
-                self.queue = self.random.sample(self.rows, len(self.rows))
-            out.append(self.queue.pop())
+                # The same permutation `sample(self.rows, n)` draws, as positions (a checkpoint keeps them).
+                self.queue = self.random.sample(range(len(self.rows)), len(self.rows))
+            out.append(self.rows[self.queue.pop()])
         return out
+
+    def state_dict(self) -> dict:
+        return {"random": random_state(self.random), "queue": list(self.queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_random_state(self.random, state["random"])
+        self.queue = list(state["queue"])
 
 
 def select(rollout, index: torch.Tensor):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 
 from posttrain import skills
 from posttrain.artifacts import Artifact
@@ -95,3 +96,35 @@ def test_on_policy_pairs_are_the_models_own_mistakes_against_the_right_answer(fo
         assert pair["rejected"] == parse_completion(pair["rejected"]) and pair["rejected"]
         per_prompt.setdefault(pair["prompt"], []).append(pair["rejected"])
     assert all(len(wrong) <= 2 and len(set(wrong)) == len(wrong) for wrong in per_prompt.values())
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_a_run_stopped_mid_step_resumes_to_the_weights_of_an_uninterrupted_run(method, formatted_sft, upper_data, tmp_path, monkeypatch):
+    # Sampling, the prompt and replay samplers, the optimizers, the schedules and (PPO) the critic
+    # and the adaptive KL coefficient all carry state across steps: a resume must restore every one.
+    from safetensors.torch import load_file
+
+    from posttrain import failpoints
+    from posttrain.training import CHECKPOINT_DIR_ENV
+    from tests.kill_harness import stop_inside_step
+
+    common = {"max_steps": 6, "checkpoint_every": 2, "replay_weight": 0.5, "replay_rows": 4, "rewards": [{"name": "format"}]}
+    if method == "grpo":
+        stage, config = grpo, GrpoConfig(**settings(**common, prompts_per_step=2, group_size=4))
+    else:
+        stage, config = ppo, PpoConfig(**settings(**common, prompts_per_step=4, critic_init="policy", kl_target=0.05))
+    inputs = {"sft": formatted_sft, "data": upper_data}
+    clean = stage.run(config, inputs, tmp_path / "clean")
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    stop_inside_step(monkeypatch, 5, 1 if method == "grpo" else config.ppo_epochs * config.minibatches)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(config, inputs, tmp_path / "killed")
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-4"]
+
+    monkeypatch.setattr(failpoints, "reach", lambda *args, **kwargs: None)
+    resumed = stage.run(config, inputs, tmp_path / "resumed")
+    assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["train_steps"] == 6
+    expected, got = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    drop_clock = lambda history: [{k: v for k, v in entry.items() if "second" not in k} for entry in history]  # noqa: E731
+    assert drop_clock(resumed.manifest["history"]) == drop_clock(clean.manifest["history"])

@@ -71,3 +71,30 @@ def test_dpo_rejects_identical_pair(tiny_base, tmp_path):
     write_jsonl(data / "preference" / "eval.jsonl", [{"prompt": "copy ab", "chosen": "ab", "rejected": "ac"}])
     with pytest.raises(ValueError, match=r"train\.jsonl row 1: chosen and rejected are identical"):
         dpo.run(DpoConfig(max_steps=1), {"sft": tiny_base, "data": Artifact(data, {})}, tmp_path / "out")
+
+
+def test_a_run_stopped_mid_step_resumes_to_the_same_weights_and_replay_rows(tiny_base, tiny_data, tmp_path, monkeypatch):
+    # With the replay term on, the resumed run must also draw the replay rows the uninterrupted one
+    # drew after step 8: its sampler's RNG is saved beside each checkpoint.
+    from safetensors.torch import load_file
+
+    from posttrain import failpoints
+    from posttrain.training import CHECKPOINT_DIR_ENV
+    from tests.kill_harness import stop_inside_step
+
+    config = DpoConfig(max_steps=12, batch_size=8, seed=0, replay_weight=1.0, replay_rows=4, checkpoint_every=4, reference="model")
+    inputs = {"sft": tiny_base, "data": tiny_data}
+    clean = dpo.run(config, inputs, tmp_path / "clean")
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    stop_inside_step(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.run(config, inputs, tmp_path / "killed")
+    (checkpoint,) = (tmp_path / "checkpoints").glob("checkpoint-*")
+    assert checkpoint.name == "checkpoint-8" and (checkpoint / "replay_rng.json").is_file()
+
+    monkeypatch.setattr(failpoints, "reach", lambda *args, **kwargs: None)
+    resumed = dpo.run(config, inputs, tmp_path / "resumed")
+    assert resumed.metrics["resumed_from_step"] == 8 and clean.metrics["resumed_from_step"] == 0
+    expected, got = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert (tmp_path / "resumed" / "loss_history.json").read_text() == (tmp_path / "clean" / "loss_history.json").read_text()
