@@ -135,6 +135,8 @@ class PipelineTracking:
         self.experiment_id: str | None = None
         self.child_runs: dict[str, str] = {}
         self.model_versions: dict[str, str] = {}  # model name -> registered version, this run
+        self._builders_key: str | None = None  # this server and experiment, in the builder index
+        self._registered_model_exists = False
 
     # ------------------------------------------------------------------ parent run
     def _first_contact(self, mlflow, uri: str):
@@ -201,6 +203,9 @@ class PipelineTracking:
             if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
                 mlflow.MlflowClient().set_experiment_tag(self.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         mlflow.set_experiment(experiment_id=self.experiment_id)
+        # The creation time tells a recreated experiment (a wiped database) from the one the index knew.
+        created = experiment.creation_time if experiment is not None else mlflow.get_experiment(self.experiment_id).creation_time
+        self._builders_key = f"{uri}|{self.experiment_id}|{created}"
         self._close_runs_of_dead_processes(mlflow)
         if self.resume_parent is not None:
             self._reopen_parent(mlflow)
@@ -243,12 +248,41 @@ class PipelineTracking:
         mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
     # ------------------------------------------------------------------ children
+    @property
+    def _builders_file(self) -> Path:
+        return self.store_root / "cache" / "mlflow-builders.json"
+
+    def _builder_index(self) -> dict:
+        try:
+            return json.loads(self._builders_file.read_text()).get(self._builders_key, {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _remember_builder(self, stage: str, fingerprint: str, run_id: str) -> None:
+        """Note in the store which finished child run logged this artifact, for this server and
+        experiment: an unchanged re-run then finds its builder without a search request per stage.
+        Written whole and renamed; two runs writing at once can lose an entry, which only costs
+        the search next time."""
+        try:
+            index = json.loads(self._builders_file.read_text())
+        except (OSError, ValueError):
+            index = {}
+        index.setdefault(self._builders_key, {})[f"{stage}/{fingerprint}"] = run_id
+        self._builders_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = self._builders_file.with_name(f".{self._builders_file.name}.{os.getpid()}")
+        staging.write_text(json.dumps(index, indent=1))
+        os.replace(staging, self._builders_file)
+
     def _builder_run(self, stage: str, fingerprint: str) -> str | None:
         """The finished child run that logged this artifact: the one that built it or, when that
         one never finished logging (its process was killed between publish and logging), the
-        first later hit that back-filled it."""
+        first later hit that back-filled it. Known from the store's index when an earlier run
+        of this store logged it to this server's experiment; searched for otherwise."""
         import mlflow
 
+        known = self._builder_index().get(f"{stage}/{fingerprint}")
+        if known:
+            return known
         for marker in (f"tags.`{TAG}cache_hit` = 'false'", f"tags.`{TAG}backfilled` = 'true'"):
             found = mlflow.search_runs(
                 experiment_ids=[self.experiment_id],
@@ -257,6 +291,7 @@ class PipelineTracking:
                 output_format="list",
             )
             if found:
+                self._remember_builder(stage, fingerprint, found[0].info.run_id)
                 return found[0].info.run_id
         return None
 
@@ -324,10 +359,6 @@ class PipelineTracking:
         child = client.create_run(self.experiment_id, start_time=start_ms, tags=tags, run_name=stage)
         run_id = child.info.run_id
         params = _flatten("", section_payload(section), {})
-        if params:
-            from mlflow.entities import Param
-
-            client.log_batch(run_id, params=[Param(key[:250], value[:6000]) for key, value in params.items()])
         stamp = int((ended or now) * 1000)
         metrics = [
             Metric(key, float(value), stamp, 0)
@@ -349,8 +380,19 @@ class PipelineTracking:
             for key, value in entry.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ]
-        for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics per call
-            client.log_batch(run_id, metrics=metrics[start : start + 900])
+        from mlflow.entities import Param
+
+        # One request for the parameters and the first metrics (log_batch: at most 100 params and
+        # 1000 entries in all per call): each request to a tracking server costs more than its rows.
+        param_list = [Param(key[:250], value[:6000]) for key, value in params.items()]
+        batches, params_left, metrics_left = [], param_list, metrics
+        while params_left or metrics_left or not batches:
+            room = 900 - min(len(params_left), 100)
+            batches.append((params_left[:100], metrics_left[:room]))
+            params_left, metrics_left = params_left[100:], metrics_left[room:]
+        for batch_params, batch_metrics in batches:
+            if batch_params or batch_metrics:
+                client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
         if full:
             client.log_artifact(run_id, str(artifact.path / "manifest.json"))
         inputs = []
@@ -372,6 +414,8 @@ class PipelineTracking:
         if model is not None:
             self.register_models(client, model, artifact, run_id, params)
         client.set_terminated(run_id, "FINISHED", end_time=int((ended or time.time()) * 1000))
+        if full:  # this run logged the artifact in full: later hits link to it
+            self._remember_builder(stage, artifact.fingerprint, run_id)
         self.child_runs[stage] = run_id
         return run_id
 
@@ -387,10 +431,12 @@ class PipelineTracking:
         folder and no bytes are uploaded. A model already registered (same digest) is reused."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            client.get_registered_model(self.registered_model)
-        except MlflowException:
-            client.create_registered_model(self.registered_model, tags={f"{TAG}kind": "posttrain models"})
+        if not self._registered_model_exists:  # once per run, not once per model stage
+            try:
+                client.get_registered_model(self.registered_model)
+            except MlflowException:
+                client.create_registered_model(self.registered_model, tags={f"{TAG}kind": "posttrain models"})
+            self._registered_model_exists = True
         variants = artifact.manifest.get("variants") or [None]
         for variant in variants:
             name = f"{model}-{variant}" if variant else model
