@@ -233,6 +233,15 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
         os.environ.pop("POSTTRAIN_CHECKPOINT_DIR", None)
         os.environ.pop("POSTTRAIN_STAGE", None)
     seconds = time.perf_counter() - started
+    # The key carries the versions of the process that planned the run; a stage built on a worker
+    # (launcher kind deployment) records its own, and says so when they differ (a CUDA build of
+    # torch on a GPU worker is expected to: the bytes then come from that build).
+    from posttrain.closure import environment_versions
+
+    built_versions = environment_versions([name for name in key.parts["versions"] if name != "python"])
+    differing = {name: {"key": key.parts["versions"].get(name), "built_with": version} for name, version in built_versions.items() if key.parts["versions"].get(name) != version}
+    if differing:
+        print(f"{stage}: built with other library versions than the run's key: " + ", ".join(f"{name} {both['built_with']} (key: {both['key']})" for name, both in differing.items()), file=sys.stderr)
     manifest_fields = {
         "config": key.parts["config"],
         "inputs": {
@@ -244,7 +253,10 @@ def _build(stage, module, section, inputs, store, seed, launcher, threads, devic
         "versions": key.parts["versions"],
         "seed": seed,
         "git": git_state(),
-        "built_by": {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "device": device},
+        "built_by": {
+            "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "device": device,
+            "versions": built_versions, **({"versions_differ": differing} if differing else {}),
+        },
         "seconds": round(seconds, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

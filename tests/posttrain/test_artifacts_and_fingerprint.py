@@ -160,6 +160,22 @@ def test_manifest_records_files_and_the_building_run(tmp_path):
     assert size == (artifact.path / "out.txt").stat().st_size and mtime_ns == (artifact.path / "out.txt").stat().st_mtime_ns
     assert artifact.manifest["built_by"]["run_id"] == "run-1"
     assert artifact.manifest["code"]["modules"] and artifact.manifest["versions"]["python"].startswith("cpython-")
+    # The building process's own versions (a worker's may differ from the planner's key); here the same.
+    assert artifact.manifest["built_by"]["versions"] == artifact.manifest["versions"]
+    assert "versions_differ" not in artifact.manifest["built_by"]
+
+
+def test_a_stage_built_with_other_library_versions_than_its_key_says_so(tmp_path, capsys):
+    # As on a GPU worker whose torch is another build than the planning process's.
+    from posttrain.fingerprint import stage_key
+
+    module, _ = _counting_stage(tmp_path)
+    store = Store(tmp_path / "root")
+    key = stage_key("count", module, {"k": 1}, {})
+    key.parts["versions"] = {**key.parts["versions"], "python": "cpython-0.0.0"}
+    artifact = execute_stage("count", module, {"k": 1}, {}, store, seed=0, key=key).artifact
+    assert artifact.manifest["built_by"]["versions_differ"] == {"python": {"key": "cpython-0.0.0", "built_with": artifact.manifest["built_by"]["versions"]["python"]}}
+    assert "built with other library versions than the run's key: python" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

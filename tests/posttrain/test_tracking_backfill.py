@@ -33,3 +33,38 @@ def test_a_hit_whose_builder_never_logged_backfills_it_once(tmp_path):
     assert second_run.data.tags[f"{TAG}built_by_run"] == first and f"{TAG}backfilled" not in second_run.data.tags
     assert "model" not in [item.path for item in client.list_artifacts(second)]
     assert json.loads((artifact.path / "manifest.json").read_text())["metrics"] == {"eval_loss": 0.5}
+
+
+def test_a_hit_finds_its_builder_in_the_store_index_without_a_search_and_another_database_does_not(tmp_path, monkeypatch):
+    # An unchanged re-run against a tracking server pays ~55 ms a request: the store remembers which
+    # run logged each stage, keyed by the tracking URI and the experiment with its creation time.
+    import mlflow
+
+    root = tmp_path / "root"
+    store = Store(root)
+    staging = store.staging_dir("sft", "e" * 20)
+    (staging / "weights.txt").write_text("the model")
+    artifact = store.publish("sft", "e" * 20, Artifact.draft(staging, {"eval_loss": 0.5}), {})
+
+    def log(run_id: str, cache_hit: bool) -> str:
+        with PipelineTracking(TrackingConfig(), root, run_id, "index", "seed: 0\n", {"seed": 0}) as tracking:
+            return tracking.log_stage("sft", StageOutcome(artifact, cache_hit, 0.0), SftConfig(), {})
+
+    builder = log("run-1", cache_hit=False)
+    index = json.loads((root / "cache" / "mlflow-builders.json").read_text())
+    assert [entries for entries in index.values()] == [{f"sft/{'e' * 20}": builder}]
+
+    searches = []
+    real_search = mlflow.search_runs
+    monkeypatch.setattr(mlflow, "search_runs", lambda *args, **kwargs: searches.append(kwargs) or real_search(*args, **kwargs))
+    hit = log("run-2", cache_hit=True)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(hit).data.tags[f"{TAG}built_by_run"] == builder
+    assert not [call for call in searches if "fingerprint" in call.get("filter_string", "")]  # found in the index
+
+    # Another tracking database (another server, or the store's own database for a store that was
+    # logged elsewhere): the index entry does not apply; the hit finds no builder and back-fills.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with PipelineTracking(TrackingConfig(uri=other), root, "run-3", "index", "seed: 0\n", {"seed": 0}) as tracking:
+        backfill = tracking.log_stage("sft", StageOutcome(artifact, True, 0.0), SftConfig(), {})
+    assert mlflow.MlflowClient(tracking_uri=other).get_run(backfill).data.tags[f"{TAG}backfilled"] == "true"
