@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/reward_study.py                  # both parts
     .venv/bin/python bench/reward_study.py --part demo      # or: --part hh  [--hh-steps 600]
-    .venv/bin/python bench/reward_study.py --part demo --set reward.max_steps=800 --set reward.lr=1e-3  # the old settings
+    .venv/bin/python bench/reward_study.py --part demo --set reward.head=classifier --set reward.lr=1e-3  # the classifier control
 
 demo: the reward stage as configs/align-study.yaml sets it (init from that config's SFT model,
 the demo's sort/add pairs), for seeds 0, 1, 2 — held-out pairwise accuracy with its 95 % Wilson
-interval, the calibration of σ(margin) (ECE), and the spread between seeds. The data stage holds
+interval, the calibration of σ(margin) (ECE), and the spread between seeds; for the likelihood
+head also the untrained head's accuracy on the fresh pairs (the init model's log-likelihood ratio). The data stage holds
 out only 70 pairs (one pair = 1.4 points), so each model is also scored on `--fresh` new pairs
 drawn from the same generator with another seed, half per skill, none of whose prompts (compared
 lower-cased, punctuation and spacing removed) occurs anywhere in the data artifact — not in the
@@ -75,14 +76,17 @@ def fresh_pairs(cfg, data_dir: Path, count: int, seed: int = 12345) -> list[dict
     return pairs
 
 
-def fresh_metrics(model_dir: Path, rows: list[dict], max_length: int) -> dict:
+def fresh_metrics(model_dir: Path, rows: list[dict], max_length: int, model=None) -> dict:
+    """Pairwise accuracy on `rows` of the reward model saved in `model_dir` (or of `model`, with
+    model_dir's tokenizer)."""
     from posttrain.formatting import ChatFormat
     from posttrain.models import load_reward_model, load_tokenizer
     from posttrain.scoring import pair_ids, pairwise_metrics
 
     tokenizer = load_tokenizer(model_dir)
     pairs = pair_ids(ChatFormat(tokenizer).split_replies(rows))
-    metrics = pairwise_metrics(load_reward_model(model_dir), pairs, rows, tokenizer.pad_token_id, max_length, prefix="fresh_")
+    model = model if model is not None else load_reward_model(model_dir)
+    metrics = pairwise_metrics(model, pairs, rows, tokenizer.pad_token_id, max_length, prefix="fresh_")
     low, high = wilson_interval(round(metrics["fresh_accuracy"] * len(rows)), len(rows))
     return {**metrics, "fresh_ci95_low": low, "fresh_ci95_high": high}
 
@@ -102,8 +106,19 @@ def demo_part(seeds: list[int], overrides: list[str], fresh_count: int) -> None:
             metrics.update(fresh_metrics(out_dir, fresh, section.max_length))
         rows.append((seed, metrics))
     r = cfg.reward
-    print(f"demo reward model {' '.join(overrides)} (init {r.init_from}, {r.method}, {r.max_steps} steps × {r.batch_size} pairs, lr {r.lr}; "
+    untrained = None
+    if fresh and r.head == "likelihood" and not r.reference:
+        # The untrained likelihood head is the init model's own log-likelihood ratio, the same for every seed.
+        from posttrain.models import build_reward_model
+
+        init_dir = Path(upstream[r.init_from].path)
+        untrained = fresh_metrics(init_dir, fresh, r.max_length, model=build_reward_model(init_dir, r.head))
+    print(f"demo reward model {' '.join(overrides)} ({r.head} head{' − frozen reference' if r.head == 'likelihood' and r.reference else ''}, init {r.init_from}, {r.method}, {r.max_steps} steps × {r.batch_size} pairs, lr {r.lr}; "
           f"{rows[0][1]['train_pairs']} train / {rows[0][1]['eval_pairs']} held-out pairs; {len(fresh)} fresh pairs)")
+    if untrained:
+        print(f"untrained {r.head} head ({r.init_from} model's log p(chosen) − log p(rejected)) on the fresh pairs: {untrained['fresh_accuracy']:.4f} "
+              f"({untrained['fresh_ci95_low']:.3f}–{untrained['fresh_ci95_high']:.3f}), sort {untrained.get('fresh_accuracy_sort', float('nan')):.3f}, "
+              f"add {untrained.get('fresh_accuracy_add', float('nan')):.3f}")
     print(f"{'seed':>4} {'held-out':>9} {'95% interval':>14} {'before':>7} {'ECE':>7} {'fresh':>7} {'95% interval':>14} {'fresh sort':>10} {'fresh add':>10} {'seconds':>8}")
     for seed, m in rows:
         fresh_cells = (f"{m['fresh_accuracy']:>7.4f} {m['fresh_ci95_low']:>6.3f}–{m['fresh_ci95_high']:.3f} "

@@ -391,8 +391,13 @@ class RewardConfig(Section):
     init_from: Literal["sft", "base"] = "sft"
     method: Literal["full", "lora"] = Field("full", description="lora: a LoRA adapter on the body (the score head trains fully), merged on save")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    # Demo defaults, measured on 1 CPU thread from a 0.1M SFT model: ~46 s; held-out pairwise accuracy
-    # 0.54-0.57 -> 0.71-0.80 over seeds 0-2 on 3.4k sort/add pairs (docs/benchmarks.md has each seed).
+    head: Literal["classifier", "likelihood"] = Field(
+        "classifier", description="classifier: a one-output score head on the last token; likelihood: the causal LM itself, r = a·Σ log p(sequence) + b (posttrain.models.LikelihoodRewardModel)"
+    )
+    reference: bool = Field(False, description="head likelihood only: subtract a frozen copy of the initial LM's log-likelihood (DPO's implicit reward)")
+    # Defaults for the classifier head, measured on 1 CPU thread from the demo's 0.1M SFT model: ~50 s;
+    # held-out pairwise accuracy 0.72-0.74 over seeds 0-2 on 1,000 fresh sort/add pairs. The demo sets
+    # head: likelihood with lr 3e-4: 0.94 in every seed (docs/benchmarks.md, "The reward model").
     max_steps: int = Field(800, ge=1)
     batch_size: int = Field(64, ge=1, description="preference pairs per step (2x sequences)")
     lr: float = Field(1e-3, gt=0)

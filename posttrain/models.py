@@ -20,13 +20,18 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from posttrain import failpoints
 from posttrain.formatting import DEMO_CHAT_TEMPLATE, ensure_chat_template
@@ -125,9 +130,116 @@ def load_causal_lm(
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False):
+    """A saved reward model (a sequence classifier or a `LikelihoodRewardModel`), or a causal-LM
+    folder's body under a fresh one-output `score` head."""
     return AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+# --------------------------------------------------------------------------- the likelihood reward head
+
+
+class LikelihoodRewardConfig(PreTrainedConfig):
+    """Config of `LikelihoodRewardModel`: the causal LM's own config nested as `lm_config`."""
+
+    model_type = "posttrain_likelihood_reward"
+    sub_configs_defaults = {"lm_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    lm_config: dict | PreTrainedConfig | None = None
+    reference: bool = False  # true: also hold a frozen copy of the initial LM and score β(log π − log π_ref)
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            kwargs["num_labels"] = 1  # one scalar reward, what RewardTrainer checks for
+        super().__post_init__(**kwargs)
+
+
+class LikelihoodRewardModel(PreTrainedModel):
+    """A reward model that is a causal LM: the score of a sequence is a·Σ_t log p(x_t | x_<t) + b over
+    its real tokens (a, b learned scalars in `score`, a starting at 1), minus the same sum under a
+    frozen copy of the initial LM when `config.reference` (then a plays DPO's β).
+
+    It answers like a one-label sequence classifier — forward(input_ids, attention_mask).logits has
+    shape (batch, 1) — so TRL's RewardTrainer trains it with its Bradley–Terry loss unchanged and
+    posttrain.scoring scores it unchanged. The prompt's log-probs are the same for the chosen and the
+    rejected reply, so they cancel in the Bradley–Terry difference r(chosen) − r(rejected).
+    Registered with AutoConfig / AutoModelForSequenceClassification below, so `load_reward_model`
+    loads a saved one without remote code.
+    """
+
+    config_class = LikelihoodRewardConfig
+    base_model_prefix = "lm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: LikelihoodRewardConfig):
+        super().__init__(config)
+        self.lm = AutoModelForCausalLM.from_config(config.lm_config)
+        self.ref = AutoModelForCausalLM.from_config(config.lm_config).requires_grad_(False) if config.reference else None
+        self.score = torch.nn.Linear(1, 1)  # r = a·(log-likelihood) + b; named `score` so peft's SEQ_CLS trains it fully
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.score:
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm, reference: bool = False) -> "LikelihoodRewardModel":
+        """Wrap a loaded causal LM (its weights are copied; a = 1, b = 0)."""
+        config = LikelihoodRewardConfig(lm_config=causal_lm.config.to_dict(), reference=reference,
+                                        pad_token_id=causal_lm.config.pad_token_id)
+        model = cls(config).to(causal_lm.dtype)
+        state = causal_lm.state_dict()
+        model.lm.load_state_dict(state)
+        if model.ref is not None:
+            model.ref.load_state_dict(state)
+        with torch.no_grad():
+            model.score.weight.fill_(1.0)
+            model.score.bias.zero_()
+        return model
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.lm.set_input_embeddings(value)
+
+    @staticmethod
+    def _sequence_logprob(lm, input_ids, attention_mask) -> torch.Tensor:
+        logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return (token_logp * attention_mask[:, 1:].to(token_logp.dtype)).sum(-1)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logp = self._sequence_logprob(self.lm, input_ids, attention_mask)
+        if self.ref is not None:
+            with torch.no_grad():  # the reference never trains, whatever its parameters' requires_grad
+                ref_logp = self._sequence_logprob(self.ref, input_ids, attention_mask)
+            logp = logp - ref_logp
+        logits = self.score(logp.unsqueeze(-1).to(self.score.weight.dtype))
+        return SequenceClassifierOutput(logits=logits)
+
+
+AutoConfig.register(LikelihoodRewardConfig.model_type, LikelihoodRewardConfig)
+AutoModelForSequenceClassification.register(LikelihoodRewardConfig, LikelihoodRewardModel)
+
+
+def build_reward_model(init_dir: str | Path, head: str = "classifier", reference: bool = False):
+    """The reward model to train from a causal-LM folder: `classifier` — its body under a fresh
+    one-output score head (AutoModelForSequenceClassification); `likelihood` — the LM itself scored by
+    its log-likelihood (LikelihoodRewardModel)."""
+    if head == "classifier":
+        return load_reward_model(init_dir)
+    if head == "likelihood":
+        return LikelihoodRewardModel.from_causal_lm(load_causal_lm(init_dir, dtype="float32"), reference=reference)
+    raise ValueError(f"unknown reward head {head!r}: classifier or likelihood")
 
 
 def save_pretrained(model, tokenizer, out_dir: Path) -> None:

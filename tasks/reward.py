@@ -9,7 +9,11 @@ whose `preference/{train,eval}.jsonl` rows are `{"prompt", "chosen", "rejected"}
 
 Output: a `AutoModelForSequenceClassification` folder (safetensors + tokenizer) whose logit for
 the prompt and the answer, rendered with the model's chat template (the answer ending with its
-end-of-turn token; posttrain.formatting.ChatFormat), scores the answer. The figure that matters is
+end-of-turn token; posttrain.formatting.ChatFormat), scores the answer. `head: classifier` (the
+default) reads it from a one-output head on the last token; `head: likelihood` keeps the causal LM
+whole and scores a·Σ_t log p(x_t | x_<t) + b (posttrain.models.LikelihoodRewardModel, registered
+with the Auto classes; `reference: true` subtracts a frozen copy of the init's log-likelihood, DPO's
+implicit reward). Both train through the same RewardTrainer Bradley–Terry loss. The figure that matters is
 held-out pairwise accuracy — the fraction of eval pairs where chosen scores above rejected — measured
 here, by our own code, before and after training, so the gain over the untrained head is visible,
 with its 95 % Wilson interval. Beside it: how well the Bradley–Terry probability
@@ -31,7 +35,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import RewardConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_preference_pairs
-from posttrain.models import count_parameters, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.models import build_reward_model, count_parameters, load_tokenizer, save_pretrained
 from posttrain.scoring import margin_metrics, pair_ids, pair_margins, pairwise_metrics
 from posttrain.training import (
     ProgressCallback,
@@ -51,7 +55,10 @@ DATA_FILES = ("data_contracts/reward_tokenized.json",)  # the tokenized contract
 def _lora_config(config: RewardConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules, task_type="SEQ_CLS")
+    # SEQ_CLS trains the `score` module fully (both heads name it so); the likelihood head's frozen
+    # reference copy gets no adapter.
+    exclude = r"ref\..*" if config.head == "likelihood" and config.reference else None
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules, task_type="SEQ_CLS", exclude_modules=exclude)
 
 
 def margin_figures(margins: torch.Tensor, png: Path) -> dict:
@@ -105,7 +112,7 @@ def run(config: RewardConfig, inputs: dict[str, Artifact], out_dir: Path) -> Art
     tokenizer = load_tokenizer(init_dir)
     chat = ChatFormat(tokenizer)
     set_seed(seed)  # the score head is freshly initialised: make it reproducible
-    model = load_reward_model(init_dir)
+    model = build_reward_model(init_dir, config.head, config.reference)
     # The classifier finds each sequence's last real token through pad_token_id; base configs often lack it.
     model.config.pad_token_id = tokenizer.pad_token_id
 

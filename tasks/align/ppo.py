@@ -40,7 +40,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import PpoConfig
 from posttrain.formatting import ChatFormat
 from posttrain.jsonl import read_instruction_rows, read_jsonl
-from posttrain.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+from posttrain.models import LikelihoodRewardModel, load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from posttrain.training import LoopCheckpoints
 from tasks.align.rewards import check_names
 from tasks.align.rl import hacking_verdict, print_progress, score_rollout, summary_metrics, write_curves
@@ -131,12 +131,19 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 class Critic(torch.nn.Module):
     """A value per token: the transformer body of a sequence classifier and its one-output head,
-    applied at every position (the classifier itself only reads the last one)."""
+    applied at every position (the classifier itself only reads the last one). From a likelihood
+    reward model (posttrain.models.LikelihoodRewardModel, whose score is a log-likelihood, not a
+    head on hidden states) it takes the LM's body under a fresh zero-initialised head: V = 0."""
 
     def __init__(self, classifier):
         super().__init__()
-        self.body = getattr(classifier, classifier.base_model_prefix)
-        self.head = classifier.score
+        if isinstance(classifier, LikelihoodRewardModel):
+            self.body = classifier.lm.base_model
+            self.head = torch.nn.Linear(classifier.get_input_embeddings().embedding_dim, 1, bias=False, dtype=classifier.score.weight.dtype)
+            torch.nn.init.zeros_(self.head.weight)
+        else:
+            self.body = getattr(classifier, classifier.base_model_prefix)
+            self.head = classifier.score
 
     def forward(self, rollout) -> torch.Tensor:
         hidden = self.body(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids).last_hidden_state
