@@ -396,8 +396,8 @@ class RewardConfig(Section):
     )
     reference: bool = Field(False, description="head likelihood only: subtract a frozen copy of the initial LM's log-likelihood (DPO's implicit reward)")
     # Defaults for the classifier head, measured on 1 CPU thread from the demo's 0.1M SFT model: ~50 s;
-    # held-out pairwise accuracy 0.72-0.74 over seeds 0-2 on 1,000 fresh sort/add pairs. The demo sets
-    # head: likelihood with lr 3e-4: 0.94 in every seed (docs/benchmarks.md, "The reward model").
+    # held-out pairwise accuracy 0.72-0.74 over seeds 0-2 on 1,000 fresh sort/add pairs; head: likelihood
+    # with lr 3e-4 gives 0.94 in every seed (docs/benchmarks.md, "The reward model").
     max_steps: int = Field(800, ge=1)
     batch_size: int = Field(64, ge=1, description="preference pairs per step (2x sequences)")
     lr: float = Field(1e-3, gt=0)
