@@ -197,7 +197,15 @@ class PipelineTracking:
         if experiment is None:
             # Artifacts next to the database, not in ./mlruns of whatever folder the user ran from.
             location = self.config.artifact_location or ((self.store_root / ARTIFACTS_FOLDER).as_uri() if self.config.uri is None else None)
-            self.experiment_id = mlflow.create_experiment(self.config.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.experiment_id = mlflow.create_experiment(self.config.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+            except MlflowException as exc:  # another run created it between our lookup and here
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = mlflow.get_experiment_by_name(self.config.experiment)
+                self.experiment_id = experiment.experiment_id
         else:
             self.experiment_id = experiment.experiment_id
             if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
@@ -435,7 +443,12 @@ class PipelineTracking:
             try:
                 client.get_registered_model(self.registered_model)
             except MlflowException:
-                client.create_registered_model(self.registered_model, tags={f"{TAG}kind": "posttrain models"})
+                try:
+                    client.create_registered_model(self.registered_model, tags={f"{TAG}kind": "posttrain models"})
+                except MlflowException as exc:
+                    # Two runs at once both found it missing; the other one created it first.
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
             self._registered_model_exists = True
         variants = artifact.manifest.get("variants") or [None]
         for variant in variants:

@@ -68,3 +68,25 @@ def test_a_hit_finds_its_builder_in_the_store_index_without_a_search_and_another
     with PipelineTracking(TrackingConfig(uri=other), root, "run-3", "index", "seed: 0\n", {"seed": 0}) as tracking:
         backfill = tracking.log_stage("sft", StageOutcome(artifact, True, 0.0), SftConfig(), {})
     assert mlflow.MlflowClient(tracking_uri=other).get_run(backfill).data.tags[f"{TAG}backfilled"] == "true"
+
+
+def test_two_runs_creating_the_registered_model_at_once_both_go_on(tmp_path, monkeypatch):
+    # Both found the registered model missing; the other created it first: ours must not fail
+    # (CI saw "Registered Model (name=smoke) already exists" from three runs started together).
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    root = tmp_path / "root"
+    store = Store(root)
+    staging = store.staging_dir("sft", "d" * 20)
+    (staging / "weights.txt").write_text("the model")
+    artifact = store.publish("sft", "d" * 20, Artifact.draft(staging, {"eval_loss": 0.5}), {})
+    with PipelineTracking(TrackingConfig(), root, "run-1", "race", "seed: 0\n", {"seed": 0}) as tracking:
+        mlflow.MlflowClient().create_registered_model(tracking.registered_model)  # the twin's, just now
+
+        def not_yet(self, name):
+            raise MlflowException(f"Registered Model with name={name} not found", error_code="RESOURCE_DOES_NOT_EXIST")
+
+        monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", not_yet)
+        tracking.log_stage("sft", StageOutcome(artifact, False, 0.0), SftConfig(), {}, model="sft")
+        assert str(tracking.model_versions["sft"]) == "1"
