@@ -12,12 +12,17 @@ from posttrain.runner import StageOutcome
 from posttrain.tracking import TAG, PipelineTracking
 
 
+def published_sft(root, fingerprint: str) -> Artifact:
+    """An sft artifact in the store at `root`, published and never logged."""
+    store = Store(root)
+    staging = store.staging_dir("sft", fingerprint)
+    (staging / "weights.txt").write_text("the model")
+    return store.publish("sft", fingerprint, Artifact.draft(staging, {"eval_loss": 0.5}), {})
+
+
 def test_a_hit_whose_builder_never_logged_backfills_it_once(tmp_path):
     root = tmp_path / "root"
-    store = Store(root)
-    staging = store.staging_dir("sft", "f" * 20)
-    (staging / "weights.txt").write_text("the model")
-    artifact = store.publish("sft", "f" * 20, Artifact.draft(staging, {"eval_loss": 0.5}), {})  # published, never logged
+    artifact = published_sft(root, "f" * 20)  # published, never logged
 
     def hit(run_id: str) -> str:
         with PipelineTracking(TrackingConfig(), root, run_id, "backfill", "seed: 0\n", {"seed": 0}) as tracking:
@@ -41,10 +46,7 @@ def test_a_hit_finds_its_builder_in_the_store_index_without_a_search_and_another
     import mlflow
 
     root = tmp_path / "root"
-    store = Store(root)
-    staging = store.staging_dir("sft", "e" * 20)
-    (staging / "weights.txt").write_text("the model")
-    artifact = store.publish("sft", "e" * 20, Artifact.draft(staging, {"eval_loss": 0.5}), {})
+    artifact = published_sft(root, "e" * 20)
 
     def log(run_id: str, cache_hit: bool) -> str:
         with PipelineTracking(TrackingConfig(), root, run_id, "index", "seed: 0\n", {"seed": 0}) as tracking:
@@ -77,10 +79,7 @@ def test_two_runs_creating_the_registered_model_at_once_both_go_on(tmp_path, mon
     from mlflow.exceptions import MlflowException
 
     root = tmp_path / "root"
-    store = Store(root)
-    staging = store.staging_dir("sft", "d" * 20)
-    (staging / "weights.txt").write_text("the model")
-    artifact = store.publish("sft", "d" * 20, Artifact.draft(staging, {"eval_loss": 0.5}), {})
+    artifact = published_sft(root, "d" * 20)
     with PipelineTracking(TrackingConfig(), root, "run-1", "race", "seed: 0\n", {"seed": 0}) as tracking:
         mlflow.MlflowClient().create_registered_model(tracking.registered_model)  # the twin's, just now
 
