@@ -135,12 +135,12 @@ class PlainLossSFTTrainer(SFTTrainer):
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def rows_needed(config: SftConfig, devices: int) -> int | None:
-    """How many training rows `max_steps` steps consume (steps x global batch); None when every row
-    may be used: `epochs` derives the steps from the data, and packed bins hold an unknown number of rows."""
+def rows_needed(config: SftConfig) -> int | None:
+    """How many training rows `max_steps` steps consume (steps x global batch, the same on any number
+    of devices: training_schedule); None when every row may be used: `epochs` derives the steps from
+    the data, and packed bins hold an unknown number of rows."""
     if config.epochs is not None or config.batching == "packed":
         return None
-    del devices  # the global batch is the same on any number of devices (training_schedule)
     return config.max_steps * (config.global_batch or config.batch_size * config.grad_accum)
 
 
@@ -201,7 +201,7 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     # Tokenize, check and hand over only the rows the steps will use: 2 steps on Alpaca's 48k rows
     # should not pay for encoding all of them. The file is already in a seeded hash order, so its
     # first rows are a random sample, and the trainer's shuffle orders them.
-    needed = rows_needed(config, int(os.environ.get("WORLD_SIZE", "1")))
+    needed = rows_needed(config)
     if needed is not None and needed < len(records["train"]):
         records["train"] = records["train"][:needed]
     # Encoded once with the model's chat template (loss on the assistant replies), checked by the
