@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/align_study.py                          # configs/align-study.yaml, seeds 0 1 2
     .venv/bin/python bench/align_study.py --seeds 0 --methods grpo  # one method, one seed
+    .venv/bin/python bench/align_study.py --methods ppo --set align.ppo.critic_init=policy  # a config variant
 
 base → data → sft → reward are built once through the runner (cached in the config's store). Then,
 for each seed and each method of `align.methods`:
@@ -18,7 +19,8 @@ varies the alignment stage only (sampling, pair order, replay); the SFT model is
 Prints, per variant, the mean and the spread (min–max) over seeds of: the targeted skills' mean
 exact match and its change against SFT, the worst change on a non-targeted skill, the overall mean,
 the final KL to the SFT model and the seconds. Results are kept in <store_root>/align-study.json, so
-an interrupted study resumes.
+an interrupted study resumes; a run with `--set` overrides keeps its own file
+(align-study-<overrides>.json) beside it, so variants never mix.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -149,14 +152,16 @@ def main() -> None:
     parser.add_argument("config", nargs="?", default="configs/align-study.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. align.ppo.critic_init=policy")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(REPO / args.config)
+    cfg = load_config(REPO / args.config, args.set)
     root = (REPO / cfg.store_root).resolve()  # relative to the repository, as the CLI run from it
     store = Store(root)
     upstream = build_upstream(cfg, store)
-    work = root / "align-study"
-    results_file = root / "align-study.json"
+    variant_label = "".join(f"-{re.sub(r'[^A-Za-z0-9.=_]', '', item)}" for item in args.set)
+    work = root / f"align-study{variant_label}"
+    results_file = root / f"align-study{variant_label}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     sft_scores = results.get("sft") or score(Path(upstream["sft"].path), upstream["benchmarks"], work / "sft-eval")
     results["sft"] = sft_scores
@@ -185,7 +190,7 @@ def main() -> None:
                 results_file.write_text(json.dumps(results, indent=1))
             print(f"{control}: {results[control]['seconds']} s", flush=True)
 
-    print(f"\nconfig {args.config}, targeted {targets}, seeds {args.seeds}; SFT: " + ", ".join(f"{t} {100 * v:.0f}" for t, v in sft_scores.items()))
+    print(f"\nconfig {args.config} {' '.join(args.set)}, targeted {targets}, seeds {args.seeds}; SFT: " + ", ".join(f"{t} {100 * v:.0f}" for t, v in sft_scores.items()))
     header = f"{'variant':<22} {'targeted %':>20} {'Δ vs SFT':>20} {'worst other Δ':>20} {'overall %':>20} {'final KL':>18} {'seconds':>8}"
     print(header)
     for method in methods:

@@ -18,8 +18,9 @@
 #
 # Environment: OUT (report folder; default /tmp/gpu_check), STORE (default gpu_store), PROBE_STEPS
 # (LoRA/QLoRA probe steps, 0 = none; default 500), DEADLINE (no probes after this many seconds;
-# default 240), PYTHON (default python3), NO_WHEELS=1 (use the interpreter's own packages).
-# Writes $OUT/gpu_check.log, $OUT/gpu_check.json and $OUT/gpu_check.md.
+# default 240), PYTHON (default python3), NO_WHEELS=1 (use the interpreter's own packages),
+# SFT_BENCH=0 (skip bench/gpu_sft.py, the Qwen2-0.5B-shaped throughput bench that runs after the stages).
+# Writes $OUT/gpu_check.log, $OUT/gpu_check.json and $OUT/gpu_check.md, and $OUT/gpu_sft.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/demo.yaml}
@@ -41,5 +42,10 @@ print("versions:", ", ".join(f"{n} {metadata.version(n) if n else ''}" for n in 
 EOF
   "$PYTHON" bench/gpu_check.py train "$CONFIG" --store "${STORE:-gpu_store}" --out "$OUT/gpu_check.json" \
     --probe-steps "${PROBE_STEPS:-500}" --deadline "${DEADLINE:-240}"
+  status=$?
+  if [ "${SFT_BENCH:-1}" != 0 ]; then
+    "$PYTHON" bench/gpu_sft.py --out "$OUT/gpu_sft.json" || status=1
+  fi
+  exit $status
 } 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
