@@ -9,7 +9,8 @@ interpreter start-up, imports, Prefect's temporary API server (or the client of 
 MLflow logging. The unchanged re-run is timed three times each way (median shown): with no server
 (Prefect's temporary server, MLflow in the store's SQLite file), and against a running
 `prefect server start` and `mlflow server` on 127.0.0.1 (after one warm-up run that logs the
-stages there). Prints a table with each run's wall time and its ratio to the cold run.
+stages there), and against the servers once more with `runtime.parallel_stages: 1` (the cached
+stages logged one after another, the plan's order). Prints a table with each run's wall time and its ratio to the cold run.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main() -> None:
         timed_run(config, root, tracking, env=server_env)  # warm-up: the stages' runs are logged on this server once
         with_servers = [timed_run(config, root, tracking, env=server_env) for _ in range(3)]
         rows.append(("unchanged re-run, servers running (median of 3)", statistics.median(s for s, _ in with_servers), with_servers[-1][1]))
+        serial = [timed_run(config, root, tracking, "runtime.parallel_stages=1", env=server_env) for _ in range(3)]
+        rows.append(("  the same, one stage at a time (median of 3)", statistics.median(s for s, _ in serial), serial[-1][1]))
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
@@ -99,7 +102,8 @@ def main() -> None:
     for label, seconds, record in rows:
         built = [stage for stage, info in record["stages"].items() if info["state"] == "built"]
         print(f"{label:<50} {seconds:>8.1f} {seconds / cold:>8.2f}  {', '.join(built) or '-'}")
-    print("unchanged re-runs, no server: " + ", ".join(f"{s:.1f}" for s in warm_runs) + "; servers: " + ", ".join(f"{s:.1f}" for s, _ in with_servers))
+    print("unchanged re-runs, no server: " + ", ".join(f"{s:.1f}" for s in warm_runs) + "; servers: " + ", ".join(f"{s:.1f}" for s, _ in with_servers)
+          + "; servers, one stage at a time: " + ", ".join(f"{s:.1f}" for s, _ in serial))
     stage_seconds = {stage: info["seconds"] for stage, info in rows[0][2]["stages"].items()}
     print("cold run, seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()))
 

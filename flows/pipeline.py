@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, task
@@ -25,9 +27,10 @@ from rich.console import Console
 from flows.plan import Step, needs_candidate, plan, upstream
 from posttrain import failpoints
 from posttrain.artifacts import Artifact
-from posttrain.remote import open_store
 from posttrain.config import PipelineConfig
+from posttrain.dag import run_when_ready
 from posttrain.gate import Decision, decide, hacking_flags
+from posttrain.remote import open_store
 from posttrain.report import choose_candidate
 from posttrain.runner import StageError, StageOutcome, compute_key, execute_stage
 from posttrain.runs import RunRecord
@@ -70,6 +73,16 @@ class PipelineRun:
         self.tracking = tracking
         self.flow_run_id = flow_run_id
         self.artifacts: dict[str, Artifact] = {}
+        # Stages overlap (runtime.parallel_stages) only where that costs this machine nothing:
+        # cache hits, whose time is MLflow and Prefect requests, and stages on a pool's workers.
+        # A stage built here holds this lock: training stages seed the process-wide RNGs and use
+        # every thread they are given, so two at once would neither reproduce nor run faster.
+        self.build_lock = threading.Lock()
+
+    def run_steps(self, steps: list[Step]) -> None:
+        """Each step once the steps it takes inputs from are done (posttrain.dag)."""
+        self.record.plan([step.name for step in steps])
+        run_when_ready(steps, lambda step: set(step.inputs.values()), lambda step: step.name, self.stage, self.cfg.runtime.parallel_stages)
 
     def on_worker(self, step: Step, key, input_artifacts: dict[str, Artifact], force: bool) -> dict:
         """Run the stage as a flow run on a worker of its pool (flows/stage_flow.py) and wait; the
@@ -101,6 +114,24 @@ class PipelineRun:
         # Dispatched because neither store had it: built for this run (on the worker).
         return {"path": artifact.manifest["path"], "built_by_flow_run": self.flow_run_id, "store_hit": False, "seconds": time.perf_counter() - started}
 
+    def _stage_task(self, step: Step, key, input_artifacts: dict[str, Artifact], force: bool, in_store: bool) -> dict:
+        return stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=force or not in_store)(
+            stage=step.name,
+            key=key,
+            module_name=step.module,
+            section=step.section,
+            input_paths={name: artifact.manifest["path"] for name, artifact in input_artifacts.items()},
+            root=str(self.root),
+            seed=self.cfg.seed,
+            launcher=step.launcher,
+            threads=self.cfg.runtime.threads,
+            device=self.cfg.runtime.device,
+            run_id=self.record.run_id,
+            force=force,
+            shared_store=self.cfg.shared_store,
+            shared_store_options=self.cfg.shared_store_options,
+        )
+
     def stage(self, step: Step) -> Artifact:
         input_artifacts = {name: self.artifacts[source] for name, source in step.inputs.items()}
         if step.name == self.force_from or set(step.inputs.values()) & self.forced:
@@ -116,22 +147,8 @@ class PipelineRun:
             if step.launcher is not None and step.launcher.kind == "deployment" and (force or not in_store):
                 result = self.on_worker(step, key, input_artifacts, force)
             else:
-                result = stage_task.with_options(name=step.name, task_run_name=step.name, refresh_cache=force or not in_store)(
-                    stage=step.name,
-                    key=key,
-                    module_name=step.module,
-                    section=step.section,
-                    input_paths={name: artifact.manifest["path"] for name, artifact in input_artifacts.items()},
-                    root=str(self.root),
-                    seed=self.cfg.seed,
-                    launcher=step.launcher,
-                    threads=self.cfg.runtime.threads,
-                    device=self.cfg.runtime.device,
-                    run_id=self.record.run_id,
-                    force=force,
-                    shared_store=self.cfg.shared_store,
-                    shared_store_options=self.cfg.shared_store_options,
-                )
+                with self.build_lock if force or not in_store else nullcontext():
+                    result = self._stage_task(step, key, input_artifacts, force, in_store)
         except BaseException as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.record.stage_finished(step.name, {"state": "failed", "error": message, "seconds": round(time.perf_counter() - started, 2)})
@@ -158,7 +175,7 @@ class PipelineRun:
         if step.name == "report":  # the run's results, in the one schema, for `posttrain status --json`
             self.record.update(results=json.loads((artifact.path / "results.json").read_text()), candidate=artifact.manifest["candidate"])
         label = "[green]cached[/]" if cache_hit else f"[green]built[/] in {artifact.manifest.get('seconds', 0):.1f}s"
-        console.print(f"  {label}")
+        console.print(f"  {label}" if self.cfg.runtime.parallel_stages == 1 else f"  {step.name} {label}")
         return artifact
 
 
@@ -247,14 +264,11 @@ def pipeline(
                 record.update(until=until)
                 needed = upstream(steps, until)
                 steps = [step for step in steps if step.name in needed]
-            for step in steps:
-                run.stage(step)
+            run.run_steps(steps)
             if until is None and needs_candidate(cfg):
                 # Quantize what the gate will consider: the best model so far, then score its variants.
                 candidate = choose_candidate(evaluation_results(run), cfg.gate.candidate, cfg.gate.eligible, cfg.gate.primary_metric)
-                for step in plan(cfg, candidate):
-                    if step.name not in run.artifacts:
-                        run.stage(step)
+                run.run_steps([step for step in plan(cfg, candidate) if step.name not in run.artifacts])
             if until is None and cfg.gate.enabled and cfg.tracking.enabled:
                 run_gate(run, cfg)
         except BaseException:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def check_files(artifact: "Artifact", rehash: bool = False) -> None:
 def write_json_atomic(path: Path, payload, sort_keys: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # per writer: stages log at once
     temporary.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str))
     os.replace(temporary, path)
 

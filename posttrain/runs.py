@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def new_run_id(run_name: str) -> str:
 class RunRecord:
     def __init__(self, path: Path, data: dict):
         self.path, self.data = Path(path), data
+        self._lock = threading.RLock()  # stages in flight at once each update their entry
+        self._plan_order: list[str] = []
 
     @classmethod
     def start(cls, root: Path, cfg, config_path: str, overrides: list[str], config_text: str) -> "RunRecord":
@@ -71,24 +74,37 @@ class RunRecord:
         return self.data["run_id"]
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.data, sort_keys=False)
+        with self._lock:
+            write_json_atomic(self.path, self.data, sort_keys=False)
 
     def update(self, **fields) -> None:
-        self.data.update(fields)
-        self.save()
+        with self._lock:
+            self.data.update(fields)
+            self.save()
+
+    def plan(self, stages: list[str]) -> None:
+        """The order `stages` keeps (the plan's), whatever order stages in flight at once start in."""
+        with self._lock:
+            self._plan_order += [stage for stage in stages if stage not in self._plan_order]
 
     def stage_started(self, stage: str, fingerprint: str | None) -> None:
-        self.data["stages"][stage] = {"state": "running", "fingerprint": fingerprint, "started_at": now()}
-        self.save()
+        with self._lock:
+            stages = {**self.data["stages"], stage: {"state": "running", "fingerprint": fingerprint, "started_at": now()}}
+            rank = {name: index for index, name in enumerate(self._plan_order)}
+            # Stages of the plan in its order; any other (the champion's evaluation) after them, as they came.
+            self.data["stages"] = dict(sorted(stages.items(), key=lambda item: rank.get(item[0], len(rank))))
+            self.save()
 
     def stage_finished(self, stage: str, fields: dict) -> None:
-        self.data["stages"][stage] = {**self.data["stages"][stage], **fields, "finished_at": now()}
-        self.save()
+        with self._lock:
+            self.data["stages"][stage] = {**self.data["stages"][stage], **fields, "finished_at": now()}
+            self.save()
 
     def finish(self, status: str) -> None:
-        self.data["status"] = status
-        self.data["finished_at"] = now()
-        self.save()
+        with self._lock:
+            self.data["status"] = status
+            self.data["finished_at"] = now()
+            self.save()
 
     def reopen(self) -> None:
         """`posttrain resume`: the same run goes on in this process; the failure it resumes from

@@ -23,7 +23,9 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from posttrain.config import TrackingConfig
@@ -137,6 +139,10 @@ class PipelineTracking:
         self.model_versions: dict[str, str] = {}  # model name -> registered version, this run
         self._builders_key: str | None = None  # this server and experiment, in the builder index
         self._registered_model_exists = False
+        self._index_lock = threading.Lock()  # stages logged at once share the builder index
+        # Stages in flight at once log concurrently to a tracking server; into the store's own
+        # SQLite file one at a time (a second writer would wait on SQLite's lock, or fail).
+        self._log_lock = nullcontext() if (config.uri or "").startswith(("http://", "https://")) else threading.Lock()
 
     # ------------------------------------------------------------------ parent run
     def _first_contact(self, mlflow, uri: str):
@@ -271,15 +277,16 @@ class PipelineTracking:
         experiment: an unchanged re-run then finds its builder without a search request per stage.
         Written whole and renamed; two runs writing at once can lose an entry, which only costs
         the search next time."""
-        try:
-            index = json.loads(self._builders_file.read_text())
-        except (OSError, ValueError):
-            index = {}
-        index.setdefault(self._builders_key, {})[f"{stage}/{fingerprint}"] = run_id
-        self._builders_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = self._builders_file.with_name(f".{self._builders_file.name}.{os.getpid()}")
-        staging.write_text(json.dumps(index, indent=1))
-        os.replace(staging, self._builders_file)
+        with self._index_lock:
+            try:
+                index = json.loads(self._builders_file.read_text())
+            except (OSError, ValueError):
+                index = {}
+            index.setdefault(self._builders_key, {})[f"{stage}/{fingerprint}"] = run_id
+            self._builders_file.parent.mkdir(parents=True, exist_ok=True)
+            staging = self._builders_file.with_name(f".{self._builders_file.name}.{os.getpid()}")
+            staging.write_text(json.dumps(index, indent=1))
+            os.replace(staging, self._builders_file)
 
     def _builder_run(self, stage: str, fingerprint: str) -> str | None:
         """The finished child run that logged this artifact: the one that built it or, when that
@@ -329,6 +336,10 @@ class PipelineTracking:
         `datasets`: (name, artifact, path inside it, context); `started`/`ended`: epoch seconds."""
         if not self.config.enabled:
             return None
+        with self._log_lock:
+            return self._log_stage(stage, outcome, section, upstream, datasets, log_model, started, ended, model)
+
+    def _log_stage(self, stage, outcome, section, upstream, datasets, log_model, started, ended, model) -> str:
         import mlflow
         from mlflow.entities import Metric
 
