@@ -9,6 +9,9 @@ config can be checked in well under a second.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -57,6 +60,10 @@ class RuntimeConfig(Section):
 
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 is fastest for tiny models on a busy 2-core box")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where stages put their models; auto: cuda when available")
+    parallel_stages: int = Field(
+        8, ge=1, description="stages in flight at once: cache hits (their logging) and stages on a pool's workers overlap; "
+        "stages built here run one at a time (a stage waiting for its turn holds one of these places); 1: the plan's order, one by one",
+    )
 
 
 class TrackingConfig(Section):
@@ -619,10 +626,21 @@ class ReportConfig(Section):
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def local_copy_of(url: str, cache: Path | None = None) -> Path:
+    """This machine's working copy of a store whose root is a URI: <cache> ($POSTTRAIN_CACHE, default
+    ~/.cache/posttrain)/stores/<the URL, readable, plus a short hash so distinct URLs never share one>."""
+    cache = Path(cache or os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", url).strip("-")[:80]
+    return cache / "stores" / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
 class PipelineConfig(Section):
     run_name: str | None = Field(None, description="default: the config file's stem")
     seed: int = 0
-    store_root: str = Field("artifacts", description="holds store/, runs/, logs/ and the default MLflow database")
+    store_root: str = Field(
+        "artifacts", description="holds store/, runs/, logs/ and the default MLflow database; an object-store URI "
+        "(s3://bucket/prefix) is the shared_store, with this machine's working copy under $POSTTRAIN_CACHE",
+    )
     shared_store: str | None = Field(
         None, description="an fsspec URL (s3://bucket/prefix) where published artifacts are shared with other machines: "
         "uploaded on publish (manifest last), downloaded and checked on a local miss (posttrain/remote.py). "
@@ -643,6 +661,21 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_root_uri_is_the_shared_store(cls, values):
+        """`store_root: s3://bucket/prefix` (any fsspec URL): the artifacts live there, published as
+        shared_store publishes them (files first, manifest.json last; posttrain/remote.py), and
+        this machine works in a local copy keyed by the URL — stages read local folders, and run
+        records, logs, locks, checkpoints and the default MLflow file are this machine's own."""
+        if not isinstance(values, dict) or "://" not in str(values.get("store_root", "")):
+            return values
+        url = str(values["store_root"]).rstrip("/")
+        shared = values.get("shared_store")
+        if shared and str(shared).rstrip("/") != url:
+            raise ValueError(f"store_root is the URI {url} and shared_store names another ({shared}): give one of them")
+        return {**values, "shared_store": url, "store_root": str(local_copy_of(url))}
 
     @model_validator(mode="after")
     def _every_stage_has_its_rows(self):

@@ -102,3 +102,17 @@ def test_an_incomplete_local_model_folder_is_named_with_what_it_lacks(tmp_path, 
     cfg = load_config(CONFIGS[0].parent / "demo.yaml", [f"model.name_or_path={folder}"])
     with pytest.raises(ConfigError, match=rf"^demo.yaml: model.name_or_path: {folder}: {message}"):
         cfg.check_outside_paths("demo.yaml")
+
+
+def test_a_store_root_uri_is_the_shared_store_with_a_local_working_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("configs/smoke.yaml", ["store_root=s3://team-bucket/posttrain/"])
+    assert cfg.shared_store == "s3://team-bucket/posttrain"
+    local = Path(cfg.store_root)
+    assert local.parent == tmp_path / "cache" / "stores" and local.name.startswith("s3-team-bucket-posttrain-")
+    other = load_config("configs/smoke.yaml", ["store_root=s3://team-bucket/other"])
+    assert Path(other.store_root) != local  # each URL its own working copy
+    same = load_config("configs/smoke.yaml", ["store_root=s3://team-bucket/posttrain", "shared_store=s3://team-bucket/posttrain"])
+    assert same.store_root == cfg.store_root
+    with pytest.raises(ConfigError, match="store_root is the URI s3://team-bucket/posttrain and shared_store names another"):
+        load_config("configs/smoke.yaml", ["store_root=s3://team-bucket/posttrain", "shared_store=s3://elsewhere/x"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.config import local_copy_of
 from tests.kill_harness import REPO, newest_record, run_cli, start_worker, stop_group
 
 BUCKET = "posttrain-shared"
@@ -72,9 +73,11 @@ def test_two_machines_share_work_through_an_s3_store(tmp_path, prefect_api, s3_s
     assert any(key.endswith("/manifest.json") for key in keys("mlflow/")), "MLflow's artifacts go to the bucket"
     assert not (first_root / "mlartifacts").exists()
 
-    # Another machine (its own local store, same shared store): every stage comes from the bucket.
-    second_root = tmp_path / "machine-b"
-    second = run_cli(["run", "configs/smoke.yaml", "--set", f"store_root={second_root}", *shared], env=env)
+    # Another machine, whose store_root is the bucket's URI itself (its working copy under
+    # POSTTRAIN_CACHE): every stage comes from the bucket.
+    cache = tmp_path / "machine-b-cache"
+    second_root = local_copy_of(f"s3://{BUCKET}/team", cache)
+    second = run_cli(["run", "configs/smoke.yaml", "--set", f"store_root=s3://{BUCKET}/team/", *shared], env={**env, "POSTTRAIN_CACHE": str(cache)})
     assert second.returncode == 0, second.stderr[-3000:]
     pulled = newest_record(second_root)
     assert all(info["state"] == "cached" for info in pulled["stages"].values()), pulled["stages"]
