@@ -13,11 +13,11 @@ stage the flow logs a nested MLflow run and rewrites runs/<run id>/run.json.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, task
@@ -33,7 +33,7 @@ from posttrain.gate import Decision, decide, hacking_flags
 from posttrain.remote import open_store
 from posttrain.report import choose_candidate
 from posttrain.runner import StageError, StageOutcome, compute_key, execute_stage
-from posttrain.runs import RunRecord
+from posttrain.runs import RunRecord, now
 from posttrain.tracking import PipelineTracking
 
 console = Console(stderr=True, highlight=False)
@@ -78,11 +78,46 @@ class PipelineRun:
         # A stage built here holds this lock: training stages seed the process-wide RNGs and use
         # every thread they are given, so two at once would neither reproduce nor run faster.
         self.build_lock = threading.Lock()
+        self._log_threads: list[threading.Thread] = []
+        self._log_errors: list[tuple[str, BaseException]] = []
 
     def run_steps(self, steps: list[Step]) -> None:
-        """Each step once the steps it takes inputs from are done (posttrain.dag)."""
+        """Each step once the steps it takes inputs from are done (posttrain.dag), then the end of
+        their MLflow logging: stages already published are logged even when a later one failed."""
         self.record.plan([step.name for step in steps])
-        run_when_ready(steps, lambda step: set(step.inputs.values()), lambda step: step.name, self.stage, self.cfg.runtime.parallel_stages)
+        try:
+            run_when_ready(steps, lambda step: set(step.inputs.values()), lambda step: step.name, self.stage, self.cfg.runtime.parallel_stages)
+        except BaseException:
+            self._join_logs(raise_error=False)
+            raise
+        self._join_logs(raise_error=True)
+
+    def _finish_log(self, stage: str, finish) -> None:
+        """The rest of a stage's MLflow logging (parameters, metrics, files, the registry, its end):
+        here and now when stages go one by one, else on a thread of its own, so the stages
+        downstream, which only need the child run's id, start at once."""
+        if self.cfg.runtime.parallel_stages == 1:
+            finish()
+            return
+        errors = self._log_errors
+
+        def body() -> None:
+            try:
+                finish()
+            except BaseException as exc:  # raised by _join_logs, in the flow's thread
+                errors.append((stage, exc))
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(body,), name=f"log-{stage}", daemon=True)
+        self._log_threads.append(thread)
+        thread.start()
+
+    def _join_logs(self, raise_error: bool) -> None:
+        while self._log_threads:
+            self._log_threads.pop().join()
+        if self._log_errors and raise_error:
+            stage, error = self._log_errors[0]
+            self._log_errors.clear()
+            raise error
 
     def on_worker(self, step: Step, key, input_artifacts: dict[str, Artifact], force: bool) -> dict:
         """Run the stage as a flow run on a worker of its pool (flows/stage_flow.py) and wait; the
@@ -139,20 +174,29 @@ class PipelineRun:
         force = step.name in self.forced
         started_wall, started = time.time(), time.perf_counter()
         self.record.stage_started(step.name, None)
+        holds_lock = False
         try:
             key = compute_key(step.name, step.module, step.section, input_artifacts, self.store)
-            console.print(f"[bold]▶ {step.name}[/] [dim]{key.fingerprint}[/]")
-            self.record.stage_finished(step.name, {"fingerprint": key.fingerprint})
+            self.record.stage_update(step.name, {"fingerprint": key.fingerprint})
             in_store = self.store.lookup(step.name, key.fingerprint) is not None
-            if step.launcher is not None and step.launcher.kind == "deployment" and (force or not in_store):
-                result = self.on_worker(step, key, input_artifacts, force)
-            else:
-                with self.build_lock if force or not in_store else nullcontext():
-                    result = self._stage_task(step, key, input_artifacts, force, in_store)
+            on_worker = step.launcher is not None and step.launcher.kind == "deployment" and (force or not in_store)
+            if (force or not in_store) and not on_worker:  # built in this process: one at a time
+                if not self.build_lock.acquire(blocking=False):
+                    self.record.stage_update(step.name, {"state": "waiting"})
+                    self.build_lock.acquire()
+                    # The stage's seconds and start are its own, not the wait for its turn.
+                    started_wall, started = time.time(), time.perf_counter()
+                    self.record.stage_update(step.name, {"state": "running", "started_at": now()})
+                holds_lock = True
+            console.print(f"[bold]▶ {step.name}[/] [dim]{key.fingerprint}[/]")
+            result = self.on_worker(step, key, input_artifacts, force) if on_worker else self._stage_task(step, key, input_artifacts, force, in_store)
         except BaseException as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.record.stage_finished(step.name, {"state": "failed", "error": message, "seconds": round(time.perf_counter() - started, 2)})
             raise
+        finally:
+            if holds_lock:
+                self.build_lock.release()
         artifact = Artifact.load(self.root / result["path"])
         cache_hit = result["store_hit"] or result["built_by_flow_run"] != self.flow_run_id
         outcome = StageOutcome(artifact, cache_hit, time.perf_counter() - started)
@@ -160,7 +204,11 @@ class PipelineRun:
         upstream = {name: self.tracking.child_runs.get(source) for name, source in step.inputs.items()}
         datasets = [(ref.name, self.artifacts[ref.stage], ref.path, ref.context) for ref in step.datasets]
         failpoints.reach("published", stage=step.name)
-        child_run = self.tracking.log_stage(step.name, outcome, step.section, upstream, datasets, step.log_model, started_wall, time.time(), step.model)
+        begun = self.tracking.begin_stage_log(step.name, outcome, step.section, upstream, datasets, step.log_model, started_wall, time.time(), step.model)
+        child_run = None
+        if begun is not None:
+            child_run, finish_log = begun
+            self._finish_log(step.name, finish_log)
         self.record.stage_finished(
             step.name,
             {
@@ -271,7 +319,9 @@ def pipeline(
                 run.run_steps([step for step in plan(cfg, candidate) if step.name not in run.artifacts])
             if until is None and cfg.gate.enabled and cfg.tracking.enabled:
                 run_gate(run, cfg)
+                run._join_logs(raise_error=True)  # the champion's evaluation, when the gate scored it
         except BaseException:
+            run._join_logs(raise_error=False)
             record.finish("failed")
             raise
         record.finish("succeeded")

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -55,6 +56,21 @@ class StageCode:
     @property
     def distributions(self) -> list[str]:
         return distributions_for(frozenset(self.third_party))
+
+
+def cached_once(function):
+    """functools.cache that computes each value once even when threads ask at the same time (stages
+    in flight together all want the installed distributions first; unlocked, each would scan)."""
+    cached = functools.cache(function)
+    lock = threading.Lock()
+
+    @functools.wraps(function)
+    def wrapper(*args):
+        with lock:
+            return cached(*args)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
 
 
 def project_packages(root: Path) -> frozenset[str]:
@@ -138,12 +154,13 @@ def _parse(path: Path, module_name: str, packages: frozenset[str], stat_key: tup
     return ParsedModule(digest, frozenset(project), frozenset(third_party), data_files)
 
 
-def parse_module(name: str, root: Path = PROJECT_ROOT, path: Path | None = None) -> ParsedModule:
+def parse_module(name: str, root: Path = PROJECT_ROOT, path: Path | None = None, packages: frozenset[str] | None = None) -> ParsedModule:
+    """`packages`: project_packages(root), when the caller already has it (one glob per closure, not per module)."""
     path = path or module_file(name, root)
     if path is None:
         raise ValueError(f"{name}: no such project module under {root}")
     stat = path.stat()
-    return _parse(path, name, project_packages(root), (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return _parse(path, name, packages if packages is not None else project_packages(root), (stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
 def _with_parents(name: str) -> list[str]:
@@ -156,6 +173,7 @@ def stage_code(module_name: str, root: Path = PROJECT_ROOT, path: Path | None = 
     third-party modules it imports. `path` names the source file of a module outside the project
     layout (a test's stand-in stage)."""
     code = StageCode()
+    packages = project_packages(root)
     pending = [(module_name, path)] + [(parent, None) for parent in _with_parents(module_name)[:-1]]
     while pending:
         name, explicit = pending.pop()
@@ -164,7 +182,7 @@ def stage_code(module_name: str, root: Path = PROJECT_ROOT, path: Path | None = 
         file = explicit or module_file(name, root)
         if file is None:
             continue  # `from package import function`: the name is not a module
-        parsed = parse_module(name, root, file)
+        parsed = parse_module(name, root, file, packages)
         code.modules[name] = parsed.digest
         code.third_party |= parsed.third_party
         for relative in parsed.data_files:
@@ -186,18 +204,18 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@functools.cache
+@cached_once
 def installed_versions() -> dict[str, str]:
     """Every installed distribution's version, by normalised name (one scan of site-packages)."""
     return {_normal(dist.metadata["Name"]): dist.version for dist in metadata.distributions() if dist.metadata["Name"]}
 
 
-@functools.cache
+@cached_once
 def _top_level_distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
 
-@functools.cache
+@cached_once
 def _requirements(distribution: str) -> tuple[str, ...]:
     from packaging.requirements import InvalidRequirement, Requirement
 
@@ -217,7 +235,7 @@ def _requirements(distribution: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-@functools.cache
+@cached_once
 def distributions_for(top_level_names: frozenset[str]) -> list[str]:
     """The installed distributions that provide these import names, and everything they require."""
     installed = installed_versions()

@@ -95,6 +95,12 @@ class RunRecord:
             self.data["stages"] = dict(sorted(stages.items(), key=lambda item: rank.get(item[0], len(rank))))
             self.save()
 
+    def stage_update(self, stage: str, fields: dict) -> None:
+        """Fields of a stage still in flight (its fingerprint, waiting for its turn)."""
+        with self._lock:
+            self.data["stages"][stage] = {**self.data["stages"][stage], **fields}
+            self.save()
+
     def stage_finished(self, stage: str, fields: dict) -> None:
         with self._lock:
             self.data["stages"][stage] = {**self.data["stages"][stage], **fields, "finished_at": now()}

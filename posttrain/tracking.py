@@ -28,6 +28,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from posttrain.artifacts import write_json_atomic
 from posttrain.config import TrackingConfig
 from posttrain.fingerprint import section_payload
 from posttrain.runner import StageOutcome, git_state
@@ -331,15 +332,37 @@ class PipelineTracking:
         ended: float | None = None,
         model: str | None = None,
     ) -> str | None:
-        """Create the stage's child run; returns its id (None when tracking is off).
+        """Log the stage's child run in full; returns its id (None when tracking is off).
 
         `datasets`: (name, artifact, path inside it, context); `started`/`ended`: epoch seconds."""
+        begun = self.begin_stage_log(stage, outcome, section, upstream, datasets, log_model, started, ended, model)
+        if begun is None:
+            return None
+        run_id, finish = begun
+        finish()
+        return run_id
+
+    def begin_stage_log(
+        self, stage: str, outcome: StageOutcome, section, upstream: dict[str, str | None], datasets: list = (), log_model: bool = False,
+        started: float | None = None, ended: float | None = None, model: str | None = None,
+    ):
+        """Create the stage's child run now and return (its id, a call that logs the rest):
+        parameters, metrics, datasets, files, registered models and the run's end. The id is all
+        that the stages downstream link to, so the flow lets them start while the rest is sent."""
         if not self.config.enabled:
             return None
+        steps = self._log_stage(stage, outcome, section, upstream, datasets, log_model, started, ended, model)
         with self._log_lock:
-            return self._log_stage(stage, outcome, section, upstream, datasets, log_model, started, ended, model)
+            run_id = next(steps)
 
-    def _log_stage(self, stage, outcome, section, upstream, datasets, log_model, started, ended, model) -> str:
+        def finish() -> None:
+            with self._log_lock:
+                next(steps, None)
+
+        return run_id, finish
+
+    def _log_stage(self, stage, outcome, section, upstream, datasets, log_model, started, ended, model):
+        """A generator: yields the child run's id once created, then logs the rest when resumed."""
         import mlflow
         from mlflow.entities import Metric
 
@@ -377,6 +400,8 @@ class PipelineTracking:
         start_ms = int((started or now) * 1000)
         child = client.create_run(self.experiment_id, start_time=start_ms, tags=tags, run_name=stage)
         run_id = child.info.run_id
+        self.child_runs[stage] = run_id
+        yield run_id
         params = _flatten("", section_payload(section), {})
         stamp = int((ended or now) * 1000)
         metrics = [
@@ -435,8 +460,6 @@ class PipelineTracking:
         client.set_terminated(run_id, "FINISHED", end_time=int((ended or time.time()) * 1000))
         if full:  # this run logged the artifact in full: later hits link to it
             self._remember_builder(stage, artifact.fingerprint, run_id)
-        self.child_runs[stage] = run_id
-        return run_id
 
     # ------------------------------------------------------------------ models and the registry
     @property
@@ -531,13 +554,19 @@ class PipelineTracking:
             return None
         import mlflow
 
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mlflow.entities import RunTag
+
         client = mlflow.MlflowClient()
         version = self.model_versions.get(candidate)
         tags = {f"{TAG}gate.{key}": str(value) for key, value in gate.items()}
-        for key, value in tags.items():
-            client.set_tag(self.parent_run_id, key, value)
-            if version is not None:
-                client.set_model_version_tag(self.registered_model, version, key, value)
+        client.log_batch(self.parent_run_id, tags=[RunTag(key, value) for key, value in tags.items()])  # one request
+        if version is not None:
+            # The registry has no batch call: one request per tag, sent together (serially to the
+            # store's own SQLite file, which takes one writer at a time).
+            with ThreadPoolExecutor(len(tags) if isinstance(self._log_lock, nullcontext) else 1) as pool:
+                list(pool.map(lambda item: client.set_model_version_tag(self.registered_model, version, *item), tags.items()))
         if promote and version is not None:
             client.set_registered_model_alias(self.registered_model, CHAMPION, version)
         return version
@@ -565,13 +594,34 @@ class PipelineTracking:
             found.append(_create_dataset_input(dataset, "source", None))
         return found
 
-    @staticmethod
-    def _dataset_input(name: str, source_artifact, inner_path: str, context: str):
-        import mlflow
-        import pandas as pd
-        from mlflow.tracking.fluent import _create_dataset_input
+    def _dataset_input(self, name: str, source_artifact, inner_path: str, context: str):
+        """A split of an artifact as an MLflow dataset (pandas: its digest, schema and row count).
+        The artifact is content-addressed, so what pandas found is kept in the store's
+        cache/mlflow-datasets.json and an unchanged re-run does not read the split again."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        frame = pd.read_json(source_artifact.path / inner_path, lines=True)
-        # The source names the file inside the store, relative to the store root.
-        dataset = mlflow.data.from_pandas(frame, source=f"{source_artifact.manifest['path']}/{inner_path}", name=name)
-        return _create_dataset_input(dataset, context, None)
+        memo_file = self.store_root / "cache" / "mlflow-datasets.json"
+        key = f"{source_artifact.digest}/{inner_path}/{name}"
+        with self._index_lock:
+            try:
+                memo = json.loads(memo_file.read_text())
+            except (OSError, ValueError):
+                memo = {}
+        fields = memo.get(key)
+        if not isinstance(fields, dict) or set(fields) != {"name", "digest", "source_type", "source", "schema", "profile"}:
+            import mlflow
+            import pandas as pd
+
+            frame = pd.read_json(source_artifact.path / inner_path, lines=True)
+            # The source names the file inside the store, relative to the store root.
+            entity = mlflow.data.from_pandas(frame, source=f"{source_artifact.manifest['path']}/{inner_path}", name=name)._to_mlflow_entity()
+            fields = {field: getattr(entity, field) for field in ("name", "digest", "source_type", "source", "schema", "profile")}
+            with self._index_lock:  # re-read: another stage of this run may have added its own
+                try:
+                    memo = json.loads(memo_file.read_text())
+                except (OSError, ValueError):
+                    memo = {}
+                memo[key] = fields
+                write_json_atomic(memo_file, memo)
+        return DatasetInput(dataset=Dataset(**fields), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])

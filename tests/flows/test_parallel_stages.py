@@ -23,8 +23,8 @@ STEPS = [("sft", {}, False), ("align-dpo", {"sft": "sft"}, True), ("align-ppo", 
 class StubTracking:
     child_runs: dict = {}
 
-    def log_stage(self, stage, *args, **kwargs):
-        return f"run-{stage}"
+    def begin_stage_log(self, stage, *args, **kwargs):
+        return f"run-{stage}", lambda: None
 
 
 @pytest.fixture
