@@ -36,10 +36,12 @@ roles have different fields and feed different stages.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import time
 from array import array
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +139,29 @@ class RoleStream:
 # ----------------------------------------------------------------------------- the stage
 
 
+@contextmanager
+def tokenizer_threads():
+    """The fast tokenizer's batched calls on every core while the stage runs. posttrain.env turns
+    that off for the process (Rust threads and a later fork do not mix: a DataLoader worker would
+    deadlock); here nothing forks, and the exact counts of the rows the byte bound cannot clear are
+    the filter's largest cost. tokenizers reads the variable at every call."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
 def run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
+    with tokenizer_threads():
+        return _run(config, inputs, out_dir)
+
+
+def _run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifact:
     from posttrain.models import (
         load_tokenizer,  # imports transformers: keep `import tasks.data` cheap
     )
