@@ -5,7 +5,7 @@
 
     base ──┬─▶ data ──┬─▶ sft ──┬─▶ reward                 (init: sft or base)
     bench ─┘          │         ├─▶ align-dpo              (sft, data: no reward input)
-                      │         ├─▶ align-ppo              (sft, reward, data)
+                      │         ├─▶ align-ppo              (sft, data; reward when its critic or a reward_model term reads it)
                       │         ├─▶ align-grpo             (sft, data; reward when a reward_model term is configured)
                       │         └─▶ distill                (teacher by config: sft, base, align-*)
     each model (base, sft, align-*, student) ─▶ evaluate-<model>   (benchmarks, data, reward)
@@ -77,7 +77,10 @@ def plan(cfg: PipelineConfig, candidate: str | None = None) -> list[Step]:
         aligned.append("align-dpo")
     if "ppo" in cfg.align.methods:
         ppo = _with_seed(cfg.align.ppo, cfg.seed)
-        steps.append(Step("align-ppo", "tasks.align.ppo", ppo, {"sft": "sft", "reward": "reward", "data": "data"}, ppo.launcher, prompts, True, "align-ppo"))
+        # The reward model is an input only where PPO reads it: its critic, or a reward_model term.
+        reads_reward = ppo.critic_init == "reward" or any(term.name == "reward_model" for term in ppo.rewards)
+        ppo_inputs = {"sft": "sft", **({"reward": "reward"} if reads_reward else {}), "data": "data"}
+        steps.append(Step("align-ppo", "tasks.align.ppo", ppo, ppo_inputs, ppo.launcher, prompts, True, "align-ppo"))
         aligned.append("align-ppo")
     if "grpo" in cfg.align.methods:
         grpo = _with_seed(cfg.align.grpo, cfg.seed)

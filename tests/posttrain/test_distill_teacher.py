@@ -82,3 +82,14 @@ def test_a_teacher_the_run_does_not_have_is_one_line_naming_the_key(overrides, e
         load_config(DEMO, overrides)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(str(DEMO)) and expected in message
+
+
+def test_ppo_reads_the_reward_model_only_where_its_critic_or_a_reward_term_does():
+    def ppo_inputs(*overrides):
+        cfg = load_config("configs/smoke.yaml", list(overrides))
+        return next(step for step in plan(cfg) if step.name == "align-ppo").inputs
+
+    verifiable = "align.ppo.rewards=[{name: exact_match}]"
+    assert "reward" in ppo_inputs(verifiable)  # critic_init: reward (the default)
+    assert "reward" not in ppo_inputs(verifiable, "align.ppo.critic_init=policy")  # a reward-model change leaves it cached
+    assert "reward" in ppo_inputs("align.ppo.critic_init=policy")  # the default reward: the reward model
