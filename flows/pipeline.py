@@ -13,7 +13,6 @@ stage the flow logs a nested MLflow run and rewrites runs/<run id>/run.json.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import threading
@@ -28,7 +27,7 @@ from flows.plan import Step, needs_candidate, plan, upstream
 from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import PipelineConfig
-from posttrain.dag import run_when_ready
+from posttrain.dag import in_background, run_when_ready
 from posttrain.gate import Decision, decide, hacking_flags
 from posttrain.remote import open_store
 from posttrain.report import choose_candidate
@@ -79,7 +78,7 @@ class PipelineRun:
         # every thread they are given, so two at once would neither reproduce nor run faster.
         self.build_lock = threading.Lock()
         self._log_threads: list[threading.Thread] = []
-        self._log_errors: list[tuple[str, BaseException]] = []
+        self._log_errors: list[BaseException] = []
 
     def run_steps(self, steps: list[Step]) -> None:
         """Each step once the steps it takes inputs from are done (posttrain.dag), then the end of
@@ -99,23 +98,17 @@ class PipelineRun:
         if self.cfg.runtime.parallel_stages == 1:
             finish()
             return
-        errors = self._log_errors
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                self._log_errors.append(error)  # raised by _join_logs, in the flow's thread
 
-        def body() -> None:
-            try:
-                finish()
-            except BaseException as exc:  # raised by _join_logs, in the flow's thread
-                errors.append((stage, exc))
-
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(body,), name=f"log-{stage}", daemon=True)
-        self._log_threads.append(thread)
-        thread.start()
+        self._log_threads.append(in_background(f"log-{stage}", finish, done))
 
     def _join_logs(self, raise_error: bool) -> None:
         while self._log_threads:
             self._log_threads.pop().join()
         if self._log_errors and raise_error:
-            stage, error = self._log_errors[0]
+            error = self._log_errors[0]
             self._log_errors.clear()
             raise error
 

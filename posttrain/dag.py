@@ -40,17 +40,7 @@ def run_when_ready(
     failure: BaseException | None = None
 
     def start(step: Step) -> None:
-        context = contextvars.copy_context()  # Prefect finds its flow run in the context
-
-        def body() -> None:
-            try:
-                context.run(work, step)
-                finished.put((name(step), None))
-            except BaseException as exc:  # handed to the scheduling thread, which raises it
-                finished.put((name(step), exc))
-
-        # Daemon threads: Ctrl-C in the main thread ends the process without waiting for a stage.
-        threading.Thread(target=body, name=f"stage-{name(step)}", daemon=True).start()
+        in_background(f"stage-{name(step)}", lambda: work(step), lambda error: finished.put((name(step), error)))
 
     while pending or running:
         if failure is None:
@@ -70,3 +60,22 @@ def run_when_ready(
         raise failure
     if pending:  # cannot happen for a plan: its steps only need earlier ones
         raise RuntimeError(f"steps never ready (a cycle in their inputs?): {[name(step) for step in pending]}")
+
+
+def in_background(label: str, work: Callable[[], object], done: Callable[[BaseException | None], None]) -> threading.Thread:
+    """`work()` on a daemon thread, in a copy of the caller's context (Prefect finds its flow run
+    there), then `done(None)` or `done(the exception)`: the caller's thread decides what to raise.
+    A daemon thread, so Ctrl-C in the main thread ends the process without waiting for it."""
+    context = contextvars.copy_context()
+
+    def body() -> None:
+        try:
+            context.run(work)
+        except BaseException as exc:
+            done(exc)
+        else:
+            done(None)
+
+    thread = threading.Thread(target=body, name=label, daemon=True)
+    thread.start()
+    return thread

@@ -54,6 +54,18 @@ def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # an MLflow dataset entity's
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON cache file of the store as a dict; {} when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def default_tracking_uri(store_root: Path) -> str:
     # An absolute SQLite path needs four slashes: sqlite:////abs/path.db.
     return f"sqlite:///{Path(store_root).resolve() / 'mlflow.db'}"
@@ -140,10 +152,11 @@ class PipelineTracking:
         self.model_versions: dict[str, str] = {}  # model name -> registered version, this run
         self._builders_key: str | None = None  # this server and experiment, in the builder index
         self._registered_model_exists = False
-        self._index_lock = threading.Lock()  # stages logged at once share the builder index
+        self._cache_lock = threading.Lock()  # stages logged at once share the store's cache files
         # Stages in flight at once log concurrently to a tracking server; into the store's own
         # SQLite file one at a time (a second writer would wait on SQLite's lock, or fail).
-        self._log_lock = nullcontext() if (config.uri or "").startswith(("http://", "https://")) else threading.Lock()
+        self._concurrent = (config.uri or "").startswith(("http://", "https://"))
+        self._log_lock = nullcontext() if self._concurrent else threading.Lock()
 
     # ------------------------------------------------------------------ parent run
     def _first_contact(self, mlflow, uri: str):
@@ -268,26 +281,26 @@ class PipelineTracking:
         return self.store_root / "cache" / "mlflow-builders.json"
 
     def _builder_index(self) -> dict:
-        try:
-            return json.loads(self._builders_file.read_text()).get(self._builders_key, {})
-        except (OSError, ValueError, AttributeError):
-            return {}
+        index = _read_json(self._builders_file).get(self._builders_key, {})
+        return index if isinstance(index, dict) else {}
+
+    def _remember_in(self, path: Path, update) -> None:
+        """Read a JSON cache file of the store, let `update` change the dict, write it whole and
+        rename. Stages of this run take turns; two runs writing at once can lose an entry, which
+        only costs recomputing it next time."""
+        with self._cache_lock:
+            cache = _read_json(path)
+            update(cache)
+            write_json_atomic(path, cache)
 
     def _remember_builder(self, stage: str, fingerprint: str, run_id: str) -> None:
         """Note in the store which finished child run logged this artifact, for this server and
         experiment: an unchanged re-run then finds its builder without a search request per stage.
-        Written whole and renamed; two runs writing at once can lose an entry, which only costs
-        the search next time."""
-        with self._index_lock:
-            try:
-                index = json.loads(self._builders_file.read_text())
-            except (OSError, ValueError):
-                index = {}
+        Two runs writing at once can lose an entry, which only costs the search next time."""
+        def add(index: dict) -> None:
             index.setdefault(self._builders_key, {})[f"{stage}/{fingerprint}"] = run_id
-            self._builders_file.parent.mkdir(parents=True, exist_ok=True)
-            staging = self._builders_file.with_name(f".{self._builders_file.name}.{os.getpid()}")
-            staging.write_text(json.dumps(index, indent=1))
-            os.replace(staging, self._builders_file)
+
+        self._remember_in(self._builders_file, add)
 
     def _builder_run(self, stage: str, fingerprint: str) -> str | None:
         """The finished child run that logged this artifact: the one that built it or, when that
@@ -565,7 +578,7 @@ class PipelineTracking:
         if version is not None:
             # The registry has no batch call: one request per tag, sent together (serially to the
             # store's own SQLite file, which takes one writer at a time).
-            with ThreadPoolExecutor(len(tags) if isinstance(self._log_lock, nullcontext) else 1) as pool:
+            with ThreadPoolExecutor(len(tags) if self._concurrent else 1) as pool:
                 list(pool.map(lambda item: client.set_model_version_tag(self.registered_model, version, *item), tags.items()))
         if promote and version is not None:
             client.set_registered_model_alias(self.registered_model, CHAMPION, version)
@@ -603,25 +616,17 @@ class PipelineTracking:
 
         memo_file = self.store_root / "cache" / "mlflow-datasets.json"
         key = f"{source_artifact.digest}/{inner_path}/{name}"
-        with self._index_lock:
-            try:
-                memo = json.loads(memo_file.read_text())
-            except (OSError, ValueError):
-                memo = {}
-        fields = memo.get(key)
-        if not isinstance(fields, dict) or set(fields) != {"name", "digest", "source_type", "source", "schema", "profile"}:
+        fields = _read_json(memo_file).get(key)
+        if not isinstance(fields, dict) or set(fields) != set(DATASET_FIELDS):
             import mlflow
             import pandas as pd
 
             frame = pd.read_json(source_artifact.path / inner_path, lines=True)
             # The source names the file inside the store, relative to the store root.
             entity = mlflow.data.from_pandas(frame, source=f"{source_artifact.manifest['path']}/{inner_path}", name=name)._to_mlflow_entity()
-            fields = {field: getattr(entity, field) for field in ("name", "digest", "source_type", "source", "schema", "profile")}
-            with self._index_lock:  # re-read: another stage of this run may have added its own
-                try:
-                    memo = json.loads(memo_file.read_text())
-                except (OSError, ValueError):
-                    memo = {}
+            fields = {field: getattr(entity, field) for field in DATASET_FIELDS}
+            def add(memo: dict) -> None:
                 memo[key] = fields
-                write_json_atomic(memo_file, memo)
+
+            self._remember_in(memo_file, add)
         return DatasetInput(dataset=Dataset(**fields), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
