@@ -90,6 +90,11 @@ class PipelineRun:
             self._join_logs(raise_error=False)
             raise
         self._join_logs(raise_error=True)
+        # Stages finish in whatever order they ran in; the artifacts keep the plan's, so what reads
+        # them in order (a tie between models goes to the first, posttrain.report.choose_candidate)
+        # decides the same way every run. Earlier phases' artifacts stay first (sorted is stable).
+        position = {step.name: i for i, step in enumerate(steps)}
+        self.artifacts = dict(sorted(self.artifacts.items(), key=lambda item: position.get(item[0], -1)))
 
     def _finish_log(self, stage: str, finish) -> None:
         """The rest of a stage's MLflow logging (parameters, metrics, files, the registry, its end):

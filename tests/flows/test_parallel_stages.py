@@ -1,5 +1,5 @@
 """runtime.parallel_stages in the flow: stages sent to workers overlap, stages built in this process
-never do, and run.json keeps the plan's order. The build and the worker are stand-ins that only
+never do, and run.json and the artifacts keep the plan's order. The build and the worker are stand-ins that only
 note when they run; everything between them and the scheduler is the flow's own code."""
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def test_worker_stages_overlap_and_local_builds_take_turns(flow_run):
     assert not any(overlap(spans[a], spans[b]) for a in local for b in local if a < b), spans  # one local build at a time
     assert all(spans["sft"][1] <= spans[name][0] for name in spans if name != "sft")  # everything waited for its input
     assert list(run.record.data["stages"]) == [name for name, _, _ in STEPS]  # the plan's order in run.json
+    finished = sorted(spans, key=lambda name: spans[name][1])
+    assert finished != [name for name, _, _ in STEPS]  # the workers' stages finished before the local ones...
+    assert list(run.artifacts) == [name for name, _, _ in STEPS]  # ...yet a tie between models goes the plan's way
     assert all(info["state"] == "built" for info in run.record.data["stages"].values())
 
 
