@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from datasets import Dataset
@@ -37,6 +38,7 @@ from posttrain.config import SftConfig
 from posttrain.formatting import IGNORE_INDEX, ChatFormat, pad_batch, record_messages
 from posttrain.jsonl import read_instruction_rows
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, pick_device, quiet_bitsandbytes, save_pretrained
+from posttrain.row_attention import rows_attention
 from posttrain.scoring import completion_scores
 from posttrain.training import (
     ProgressCallback,
@@ -100,8 +102,8 @@ def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
 
 class PackedRowsCollator:
     """A batch of packed bins, each bin its own row: right-padded to the longest bin, position ids
-    restarting at every row it holds (and again in the padding), no attention mask — transformers
-    builds a block-diagonal causal mask from the positions, so nothing attends across rows. TRL's
+    restarting at every row it holds (and again in the padding), no attention mask — each row
+    attends within itself (posttrain.row_attention, while training), so nothing attends across rows. TRL's
     own padding-free collator lays the whole batch end to end instead, which on an attention
     without variable-length kernels (SDPA on the CPU) costs the square of the whole batch's length."""
 
@@ -240,8 +242,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         # The rows are already cut at max_length (ChatFormat); TRL refuses a max_length it would not enforce.
         max_length=config.max_length if config.batching == "padded" else None,
         packing=False,  # packed above when asked
-        # Padding-free: a batch becomes one row with position ids restarting per sequence, which
-        # transformers turns into a block-diagonal causal mask (no attention across sequences).
+        # Padding-free: a batch becomes one row with position ids restarting per sequence; each
+        # sequence attends within itself (posttrain.row_attention), never across.
         # Packed bins go through PackedRowsCollator, one bin per row.
         padding_free=config.batching == "padding_free",
     )
@@ -257,7 +259,14 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
     )
     quiet(trainer)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    trainer.train(resume_from_checkpoint=resume_from)
+    # On the CPU, packed and padding-free rows attend within themselves, row by row
+    # (posttrain.row_attention): SDPA there has no variable-length kernel, and the block-diagonal
+    # mask over a whole bin cost twice the attention (bench/sft.py). On a GPU transformers' own
+    # path stays: flash-attention's varlen kernel when the model is loaded with it, else SDPA's
+    # masked kernel, whose cost against row-by-row calls is for bench/gpu_sft.py to measure.
+    row_by_row = config.batching != "padded" and trainer.args.device.type == "cpu"
+    with rows_attention(model) if row_by_row else nullcontext():
+        trainer.train(resume_from_checkpoint=resume_from)
 
     trained = trainer.model
     if config.method in ("lora", "qlora"):

@@ -126,13 +126,15 @@ def test_steps_follow_from_epochs_and_accumulation_from_the_global_batch(tiny_ba
 def test_the_loss_on_the_same_tokens_is_the_same_padded_padding_free_or_packed(tiny_base, tiny_data):
     """The same encoded rows padded, padding-free (TRL's collator) and packed into bins
     (PackedRowsCollator); transformers turns the restarting position ids into a block-diagonal
-    mask, so no row attends to another."""
+    mask, and the stage's own attention for these batches (posttrain.row_attention) attends row by
+    row, so no row attends to another either way."""
     from trl import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from posttrain.formatting import ChatFormat
     from posttrain.jsonl import read_instruction_rows
     from posttrain.models import load_tokenizer
+    from posttrain.row_attention import rows_attention
 
     tokenizer = load_tokenizer(tiny_base.path)
     rows = read_instruction_rows(tiny_data.path / "instruction" / "train.jsonl")[:24]
@@ -158,6 +160,10 @@ def test_the_loss_on_the_same_tokens_is_the_same_padded_padding_free_or_packed(t
     assert len(bins) < len(encoded) and packed["input_ids"].shape[0] == len(bins)
     assert loss(flat) == pytest.approx(loss(padded), abs=1e-4)
     assert loss(packed) == pytest.approx(loss(padded), abs=1e-4)
+    reference = loss(padded)
+    with rows_attention(model):  # as tasks.sft trains packed and padding-free batches
+        assert loss(flat) == pytest.approx(reference, abs=1e-4)
+        assert loss(packed) == pytest.approx(reference, abs=1e-4)
     # Without the restarting positions the rows would see each other: a different loss.
     crossing = {"input_ids": flat["input_ids"], "labels": flat["labels"]}
     assert abs(loss(crossing) - loss(padded)) > 1e-3
