@@ -12,6 +12,8 @@ Runs, each on the same initial weights and the same bins, in this process:
     `method` full, lora and qlora (qlora only where bitsandbytes has a CUDA build);
   - a bare PyTorch loop: the same model, bins, micro-batch, AdamW settings, cosine schedule, bf16
     autocast and gradient clipping — what the stage costs over plain PyTorch;
+  - the same bare loop with attention row by row (posttrain.row_attention, the stage's choice on
+    the CPU) instead of transformers' block-diagonal mask: whether the GPU should use it too;
   - the bare loop under torch.compile (`--no-compile` skips it): the closest this script gets to
     the 40 % MFU measured with compiled bare transformers.
 Tokens/s are useful (non-pad) tokens per second, steady state: the first `--warmup` steps (CUDA
@@ -186,10 +188,15 @@ def packed_bins(base: Path, data: Path, seq: int) -> list[dict]:
     return list(dataset)
 
 
-def bare_loop(base: Path, bins: list[dict], args, compiled: bool) -> dict:
-    """Plain PyTorch on the same bins: AdamW (β2 0.95), cosine schedule, bf16 autocast on the GPU, clip 1.0."""
+def bare_loop(base: Path, bins: list[dict], args, compiled: bool, row_by_row: bool = False) -> dict:
+    """Plain PyTorch on the same bins: AdamW (β2 0.95), cosine schedule, bf16 autocast on the GPU, clip 1.0.
+    `row_by_row`: attention per packed row (posttrain.row_attention, what the stage uses on the CPU)
+    instead of transformers' block-diagonal mask, to tell whether the GPU should use it too."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
+    from posttrain.row_attention import rows_attention
     from tasks.sft import PackedRowsCollator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,9 +207,16 @@ def bare_loop(base: Path, bins: list[dict], args, compiled: bool) -> dict:
     collate = PackedRowsCollator(model.config.pad_token_id)
     order = list(range(len(bins)))
     random.Random(0).shuffle(order)
-    clock, tokens = SteadyClock(args.warmup), 0
+    clock = SteadyClock(args.warmup)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    with rows_attention(model) if row_by_row else nullcontext():
+        loss = _steps(model, forward, optimizer, schedule, collate, bins, order, clock, device, autocast, args)
+    return {"steps": args.steps, "tokens_per_second": clock.rate, "peak_gib": peak_gib(), "final_loss": float(loss.detach())}
+
+
+def _steps(model, forward, optimizer, schedule, collate, bins, order, clock, device, autocast, args):
+    tokens = 0
     for step in range(args.steps):
         chunk = [bins[order[(step * args.micro_batch + i) % len(order)]] for i in range(args.micro_batch)]
         batch = {key: value.to(device, non_blocking=True) for key, value in collate(chunk).items()}
@@ -215,7 +229,7 @@ def bare_loop(base: Path, bins: list[dict], args, compiled: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(len(b["input_ids"]) for b in chunk)
         clock.mark(step + 1, tokens)
-    return {"steps": args.steps, "tokens_per_second": clock.rate, "peak_gib": peak_gib(), "final_loss": float(loss.detach())}
+    return loss
 
 
 def peak_gib() -> float:
@@ -254,7 +268,8 @@ def main() -> None:
     fill = sum(len(b["input_ids"]) for b in bins) / (len(bins) * args.seq)
 
     results: dict[str, dict] = {}
-    for label, run in [("bare loop, full", lambda: bare_loop(base, bins, args, compiled=False))] + (
+    for label, run in [("bare loop, full", lambda: bare_loop(base, bins, args, compiled=False)),
+                       ("bare loop, full, row by row", lambda: bare_loop(base, bins, args, compiled=False, row_by_row=True))] + (
         [] if args.no_compile or not cuda else [("bare loop, full, compiled", lambda: bare_loop(base, bins, args, compiled=True))]
     ) + [(f"stage, {method}", lambda method=method: stage_run(method, base, data, args, work)) for method in args.methods]:
         if label == "stage, qlora" and not cuda:
