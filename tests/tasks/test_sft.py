@@ -169,10 +169,11 @@ def test_the_loss_on_the_same_tokens_is_the_same_padded_padding_free_or_packed(t
     assert abs(loss(crossing) - loss(padded)) > 1e-3
 
 
-@pytest.mark.parametrize("batching", ["padding_free", "packed"])
-def test_padding_free_and_packed_sft_train(tiny_base, tiny_data, tmp_path, batching):
-    artifact = tasks.sft.run(SftConfig(max_steps=30, batch_size=8, seed=0, eval_rows=64, batching=batching), {"base": tiny_base, "data": tiny_data}, tmp_path)
+@pytest.mark.parametrize("batching, method", [("padding_free", "full"), ("packed", "full"), ("packed", "lora")])
+def test_padding_free_and_packed_sft_train(tiny_base, tiny_data, tmp_path, batching, method):
+    artifact = tasks.sft.run(SftConfig(method=method, max_steps=30, batch_size=8, seed=0, eval_rows=64, batching=batching), {"base": tiny_base, "data": tiny_data}, tmp_path)
     metrics = artifact.metrics
-    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5
+    # The adapter learns less in 30 steps: padded LoRA goes 4.58 -> 4.23 on these rows, packed 4.23 too.
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - {"full": 0.5, "lora": 0.25}[method]
     if batching == "packed":
         assert metrics["train_sequences"] < metrics["train_rows"] / 3  # short rows: several per 96-token bin
