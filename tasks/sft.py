@@ -102,8 +102,9 @@ def merge_into_full_precision(peft_model, base_dir: Path, config: SftConfig):
 
 class PackedRowsCollator:
     """A batch of packed bins, each bin its own row: right-padded to the longest bin, position ids
-    restarting at every row it holds (and again in the padding), no attention mask — each row
-    attends within itself (posttrain.row_attention, while training), so nothing attends across rows. TRL's
+    restarting at every row it holds (and again in the padding), no attention mask — transformers
+    builds a block-diagonal causal mask from the positions, or on the CPU each row attends on its
+    own (posttrain.row_attention), so nothing attends across rows. TRL's
     own padding-free collator lays the whole batch end to end instead, which on an attention
     without variable-length kernels (SDPA on the CPU) costs the square of the whole batch's length."""
 
@@ -242,8 +243,8 @@ def run(config: SftConfig, inputs: dict[str, Artifact], out_dir: Path) -> Artifa
         # The rows are already cut at max_length (ChatFormat); TRL refuses a max_length it would not enforce.
         max_length=config.max_length if config.batching == "padded" else None,
         packing=False,  # packed above when asked
-        # Padding-free: a batch becomes one row with position ids restarting per sequence; each
-        # sequence attends within itself (posttrain.row_attention), never across.
+        # Padding-free: a batch becomes one row with position ids restarting per sequence; no
+        # sequence attends to another (a block-diagonal mask, or row by row on the CPU, below).
         # Packed bins go through PackedRowsCollator, one bin per row.
         padding_free=config.batching == "padding_free",
     )
