@@ -28,6 +28,7 @@ from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import PipelineConfig
 from posttrain.dag import in_background, run_when_ready
+from posttrain.fingerprint import parse_code_ahead
 from posttrain.gate import Decision, decide, hacking_flags
 from posttrain.remote import open_store
 from posttrain.report import choose_candidate
@@ -84,6 +85,7 @@ class PipelineRun:
         """Each step once the steps it takes inputs from are done (posttrain.dag), then the end of
         their MLflow logging: stages already published are logged even when a later one failed."""
         self.record.plan([step.name for step in steps])
+        parse_code_ahead([step.module for step in steps])
         try:
             run_when_ready(steps, lambda step: set(step.inputs.values()), lambda step: step.name, self.stage, self.cfg.runtime.parallel_stages)
         except BaseException:

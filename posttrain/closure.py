@@ -122,10 +122,22 @@ def _package_of(module_name: str, path: Path) -> str:
     return module_name if path.name == "__init__.py" else module_name.rpartition(".")[0]
 
 
+# CPython keeps the recursion depth of ast.parse's tree building in interpreter-wide state. Two
+# threads parsing at once (stages in flight together each key their code) can interleave there and
+# fail with "SystemError: AST constructor recursion depth mismatch" (seen in CI on 3.11.7;
+# tests/posttrain/test_closure_threads.py reproduces it). Parsing takes milliseconds: one at a time.
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_source(source: str, filename: str) -> ast.Module:
+    with _PARSE_LOCK:
+        return ast.parse(source, filename=filename)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(path: Path, module_name: str, packages: frozenset[str], stat_key: tuple) -> ParsedModule:
     source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source, filename=str(path))
+    tree = parse_source(source, str(path))
     tree.body = [node for node in tree.body if not _is_main_guard(node)]
     data_files = _declared_data_files(tree, path)
     project, third_party = set(), set()

@@ -70,6 +70,15 @@ def module_source(module: str | ModuleType) -> tuple[str, Path | None]:
     return module.__name__, None if found is not None and found.resolve() == path else path
 
 
+def parse_code_ahead(modules: list[str | ModuleType]) -> None:
+    """Parse the stages' code here, before they are keyed on threads of their own: a library that
+    parses source on a stage's thread (TorchScript does, at import) then never races a parse of
+    ours (posttrain.closure.parse_source says why that matters)."""
+    for module in modules:
+        name, path = module_source(module)
+        closure.stage_code(name, closure.PROJECT_ROOT, path)
+
+
 def outside_of(section) -> dict:
     """The section's outside inputs; a dict of sections (benchmarks) contributes each entry's."""
     if isinstance(section, Section):
