@@ -207,29 +207,23 @@ def bare_loop(base: Path, bins: list[dict], args, compiled: bool, row_by_row: bo
     collate = PackedRowsCollator(model.config.pad_token_id)
     order = list(range(len(bins)))
     random.Random(0).shuffle(order)
-    clock = SteadyClock(args.warmup)
+    clock, tokens = SteadyClock(args.warmup), 0
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     with rows_attention(model) if row_by_row else nullcontext():
-        loss = _steps(model, forward, optimizer, schedule, collate, bins, order, clock, device, autocast, args)
+        for step in range(args.steps):
+            chunk = [bins[order[(step * args.micro_batch + i) % len(order)]] for i in range(args.micro_batch)]
+            batch = {key: value.to(device, non_blocking=True) for key, value in collate(chunk).items()}
+            with autocast:
+                loss = forward(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += sum(len(b["input_ids"]) for b in chunk)
+            clock.mark(step + 1, tokens)
     return {"steps": args.steps, "tokens_per_second": clock.rate, "peak_gib": peak_gib(), "final_loss": float(loss.detach())}
-
-
-def _steps(model, forward, optimizer, schedule, collate, bins, order, clock, device, autocast, args):
-    tokens = 0
-    for step in range(args.steps):
-        chunk = [bins[order[(step * args.micro_batch + i) % len(order)]] for i in range(args.micro_batch)]
-        batch = {key: value.to(device, non_blocking=True) for key, value in collate(chunk).items()}
-        with autocast:
-            loss = forward(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += sum(len(b["input_ids"]) for b in chunk)
-        clock.mark(step + 1, tokens)
-    return loss
 
 
 def peak_gib() -> float:
