@@ -50,7 +50,10 @@ def key_digest(key: str) -> int:
 
 
 class CleanFrameBuilder:
-    """Accumulates the clean-suite columns row by row in typed arrays (4 bytes a value, 8 for the key)."""
+    """Accumulates the clean-suite columns in typed arrays (4 bytes a value, 8 for the key).
+
+    Rows come in batches: `columns_of(records)` computes a batch's columns (a pure function of the
+    records, so a worker process can do it), `add_columns` appends them."""
 
     def __init__(self, fields: list[str], dedup_fields: list[str]):
         self.fields, self.dedup_fields = list(fields), list(dedup_fields)
@@ -65,25 +68,62 @@ class CleanFrameBuilder:
 
     def add(self, record: dict, split: str, known_digest: int | None = None) -> None:
         """One output row; `known_digest`: its dedup key's digest when the caller already has it."""
-        texts = {field: record.get(field) for field in self.fields}
-        complete = all(isinstance(text, str) for text in texts.values())
-        for field, text in texts.items():
-            present = isinstance(text, str)
-            self.columns[f"{field}_chars"].append(len(text) if present else _MISSING)
-            self.columns[f"{field}_control_chars"].append(len(CONTROL_CHARACTERS.findall(text)) if present else _MISSING)
-            self.columns[f"{field}_padded"].append(int(text != text.strip()) if present else _MISSING)
-        lengths = [len(texts[field]) for field in self.fields] if complete else []
-        self.columns["text_chars"].append(lengths[0] + max(lengths[1:]) if complete else _MISSING)
+        self.add_columns(self.columns_of([record], None if known_digest is None else [known_digest]), split)
+
+    def columns_of(self, records: list[dict], known_digests: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The columns of a batch of records (all of them, `key_present` included), column by column:
+        a list comprehension per column instead of a function call per row (5x faster on Alpaca)."""
+        found = CONTROL_CHARACTERS.findall
+        columns, lengths = {}, []
+        for field in self.fields:
+            texts = [record.get(field) for record in records]
+            present = [isinstance(text, str) for text in texts]
+            if all(present):
+                chars = [len(text) for text in texts]
+                columns[f"{field}_chars"] = chars
+                columns[f"{field}_control_chars"] = [len(found(text)) for text in texts]
+                # leading or trailing whitespace: text != text.strip(), without the copy
+                columns[f"{field}_padded"] = [text[:1].isspace() or text[-1:].isspace() for text in texts]
+            else:
+                chars = [len(text) if ok else _MISSING for text, ok in zip(texts, present)]
+                columns[f"{field}_chars"] = chars
+                columns[f"{field}_control_chars"] = [len(found(text)) if ok else _MISSING for text, ok in zip(texts, present)]
+                columns[f"{field}_padded"] = [int(text[:1].isspace() or text[-1:].isspace()) if ok else _MISSING for text, ok in zip(texts, present)]
+            lengths.append(np.array(chars, dtype=np.int64))
+        out = {name: np.asarray(values, dtype=np.int32) for name, values in columns.items()}
+        complete = np.logical_and.reduce([column != _MISSING for column in lengths]) if lengths else np.ones(len(records), dtype=bool)
+        out["text_chars"] = np.where(complete, lengths[0] + np.maximum.reduce(lengths[1:]), _MISSING).astype(np.int32)
         if self.pair:
-            self.columns["chosen_equals_rejected"].append(int(texts["chosen"] == texts["rejected"]) if complete else _MISSING)
-        key_complete = all(isinstance(record.get(field), str) for field in self.dedup_fields)
-        if key_complete and known_digest is None:
-            known_digest = key_digest(dedup_key(record, self.dedup_fields))
-        self.columns["dedup_key"].append(known_digest if key_complete else 0)
-        self.key_present.append(int(key_complete))
+            same = [record.get("chosen") == record.get("rejected") for record in records]
+            out["chosen_equals_rejected"] = np.where(complete, np.array(same, dtype=np.int32), _MISSING).astype(np.int32)
+        key_complete = [all(isinstance(record.get(field), str) for field in self.dedup_fields) for record in records]
+        if known_digests is None:
+            known_digests = [key_digest(dedup_key(record, self.dedup_fields)) if ok else 0 for record, ok in zip(records, key_complete)]
+        out["dedup_key"] = np.where(key_complete, np.array(known_digests, dtype=np.int64), 0)
+        out["key_present"] = np.array(key_complete, dtype=np.int8)
+        return out
+
+    def add_columns(self, columns: dict[str, np.ndarray], split: str, rows: np.ndarray | None = None) -> None:
+        """Append a batch's columns (columns_of), only `rows` of it (positions) when given."""
+        pick = (lambda values: values) if rows is None else (lambda values: values[rows])
+        for name, values in self.columns.items():
+            values.frombytes(pick(columns[name]).tobytes())
+        present = pick(columns["key_present"])
+        self.key_present.frombytes(present.tobytes())
         if split not in self.splits:
             self.splits.append(split)
-        self.split_codes.append(self.splits.index(split))
+        self.split_codes.frombytes(np.full(len(present), self.splits.index(split), dtype=np.int8).tobytes())
+
+    def arrange(self, order: np.ndarray, split_names: list[str], split_codes: np.ndarray) -> None:
+        """Put the rows in `order` (positions in the order they were added) and give row i of the new
+        order the split `split_names[split_codes[i]]`: for a caller that adds rows as they come and
+        splits them once all are in (the data stage)."""
+        for name, values in self.columns.items():
+            self.columns[name] = array(values.typecode, np.frombuffer(values, dtype=np.dtype(values.typecode))[order].tobytes()) if len(values) else values
+        if len(self.key_present):
+            self.key_present = array("b", np.frombuffer(self.key_present, dtype=np.int8)[order].tobytes())
+        self.splits = list(split_names)
+        self.split_codes = array("b", np.asarray(split_codes, dtype=np.int8).tobytes())
 
     def __len__(self) -> int:
         return len(self.split_codes)
@@ -97,13 +137,19 @@ class CleanFrameBuilder:
             dtype = np.int64 if values.typecode == "q" else np.int32
             raw = np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
             # Masked arrays straight from the buffers: no Python object per value, even at a million rows.
+            # Without a missing value a column is a plain numpy one: Great Expectations checks those
+            # vectorised, and nullable pandas columns one value at a time in Python (0.3 s of the
+            # data stage's 0.7 s of contracts on 50k Alpaca rows).
             if name == "dedup_key":
                 present = np.frombuffer(self.key_present, dtype=np.int8) if len(values) else np.zeros(0, dtype=np.int8)
-                data[name] = pd.arrays.IntegerArray(raw.copy(), present == 0)
+                missing = present == 0
+                data[name] = pd.arrays.IntegerArray(raw.copy(), missing) if missing.any() else raw.copy()
             elif name.endswith(("_padded", "chosen_equals_rejected")):
-                data[name] = pd.arrays.BooleanArray(raw == 1, raw == _MISSING)
+                missing = raw == _MISSING
+                data[name] = pd.arrays.BooleanArray(raw == 1, missing) if missing.any() else raw == 1
             else:
-                data[name] = pd.arrays.IntegerArray(raw.copy(), raw == _MISSING)
+                missing = raw == _MISSING
+                data[name] = pd.arrays.IntegerArray(raw.copy(), missing) if missing.any() else raw.astype(np.int64)
         codes = np.frombuffer(self.split_codes, dtype=np.int8) if len(self.split_codes) else np.zeros(0, dtype=np.int8)
         data["split"] = pd.Categorical.from_codes(codes, categories=self.splits or ["train"])
         return pd.DataFrame(data)
@@ -114,8 +160,8 @@ def clean_frame(splits: dict[str, list[dict]], fields: list[str], dedup_fields: 
     also means no train/eval overlap). Missing fields become nulls, so the suite reports them."""
     builder = CleanFrameBuilder(fields, dedup_fields)
     for split, records in splits.items():
-        for record in records:
-            builder.add(record, split)
+        if records:
+            builder.add_columns(builder.columns_of(records), split)
     return builder.frame()
 
 

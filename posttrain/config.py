@@ -298,6 +298,12 @@ class DataConfig(Section):
     batch_rows: int = Field(
         4096, ge=1, description="rows read, cleaned and deduplicated at a time (memory only: the output is the same)", json_schema_extra=NOT_IN_KEY
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="processes that clean, filter and sketch batches (0: one per CPU; 1: all in the stage's process); the output is the same",
+        json_schema_extra=NOT_IN_KEY,
+    )
 
     def outside_inputs(self) -> dict[str, OutsideInput]:
         found = {}

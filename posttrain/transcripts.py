@@ -9,7 +9,6 @@ Shared by the data stage (hh sources, chat sources) and the benchmarks (the held
 
 from __future__ import annotations
 
-import os
 import re
 
 TURN_LABELS = {"user": "User", "assistant": "Assistant", "system": "System"}
@@ -30,6 +29,19 @@ def transcript_text(turns: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{TURN_LABELS[role]}: {content.strip()}" for role, content in turns)
 
 
+def common_prefix_length(a: str, b: str) -> int:
+    """len(os.path.commonprefix([a, b])) by bisection on slice comparisons (done in C): the shared
+    prompt of an hh pair is hundreds of characters, which commonprefix walks one by one in Python."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo] holds; a[:hi + 1] == b[:hi + 1] does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def hh_turns(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str]:
     """(prompt turns, chosen reply, rejected reply) of an hh-rlhf pair.
 
@@ -39,7 +51,7 @@ def hh_turns(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, st
     transcript's last marker is then inside the reply). A reply that contains a human turn means
     the two transcripts differ before the final reply: PromptMismatch.
     """
-    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
+    cut = chosen[: common_prefix_length(chosen, rejected)].rfind(HH_ASSISTANT)
     if cut < 0:
         raise PromptMismatch("the transcripts share no prompt")
     replies = chosen[cut + len(HH_ASSISTANT) :], rejected[cut + len(HH_ASSISTANT) :]

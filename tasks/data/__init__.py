@@ -36,28 +36,30 @@ roles have different fields and feed different stages.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 import shutil
 import time
 from array import array
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from data_contracts import ContractRun, ContractViolation
-from data_contracts.frames import CleanFrameBuilder, dedup_key, key_digest
+from data_contracts.frames import CleanFrameBuilder, dedup_key
 from posttrain import failpoints
 from posttrain.artifacts import Artifact
 from posttrain.config import DataConfig
 from posttrain.formatting import ChatFormat
 from tasks.data import dedup
-from tasks.data.clean import filter_batch, normalize_batch, normalize_text
+from tasks.data.clean import normalize_text
 from tasks.data.decontaminate import BenchmarkIndex
-from tasks.data.ingest import generated_source, read_batches, source_type
-from tasks.data.keytext import near_dup_keys
-from tasks.data.records import ROLE_FIELDS, RULES, Origins, Removals, Row
+from tasks.data.ingest import RawBatch, generated_source, read_raw_batches, source_type
+from tasks.data.prepare import BatchContext, Prepared, default_workers, prepared_in_order
+from tasks.data.records import ROLE_FIELDS, RULES, Origins, Removals
 
 __all__ = ["RULES", "dedup_key", "normalize_text", "run", "split_order"]
 
@@ -73,11 +75,6 @@ def split_order(hashes: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, i
     return np.argsort(hashes, kind="stable"), n_eval
 
 
-def output_record(row: Row) -> dict:
-    keys = [*ROLE_FIELDS[row.role], *(key for key in ("messages", "skill") if key in row.record)]
-    return {key: row.record[key] for key in keys}
-
-
 class RoleStream:
     """One role's dedup indexes and its survivors on disk (one JSON line each, plus its offset and
     split hash in typed arrays)."""
@@ -88,52 +85,73 @@ class RoleStream:
         self.near = dedup.NearDupIndex(config.near_dup) if config.near_dup.enabled else None
         self.path = work_dir / f"{role}.jsonl"
         self.handle = self.path.open("w+b")
-        self.offsets, self.hashes, self.key_digests = array("q"), array("q"), array("q")
+        self.offsets, self.hashes = array("q"), array("q")
+        self.frame = CleanFrameBuilder(list(ROLE_FIELDS[role]), fields)
 
-    def dedup(self, rows: list[Row], removals: Removals, origins: Origins) -> list[Row]:
-        kept = []
-        for row in rows:
-            row.dedup_key = dedup_key(row.record, self.fields)
-            earlier = self.exact.first_seen(row.dedup_key, row.row_id)
-            if earlier is None:
-                kept.append(row)
-            else:
-                removals.add("exact_dup", row, duplicate_of=origins.of(earlier))
-        if self.near is None or not kept:
-            return kept
-        near = self.config.near_dup
-        keys = near_dup_keys([row.record for row in kept], self.fields, near.strip_punctuation, collapse=near.shingle_unit == "char")
-        firsts = self.near.add_batch(keys, [row.row_id for row in kept])
-        survivors = []
-        for row, first in zip(kept, firsts):
-            if first is None:
-                survivors.append(row)
-            else:
-                removals.add("near_dup", row, duplicate_of=origins.of(first))
-        return survivors
-
-    def keep(self, rows: list[Row]) -> None:
-        for row in rows:
+    def take(self, batch: RawBatch, prepared: Prepared, removals: Removals, origins: Origins, per_benchmark: dict[str, int]) -> dict[str, float]:
+        """Apply one prepared batch, in reading order: the filter's removals, exact dedup, near
+        dedup, decontamination; write the survivors and note what the split and the clean contract
+        need of each, so neither reads the rows back. Returns the seconds spent per phase."""
+        seconds, clock = {}, time.perf_counter()
+        for position, rule, detail in prepared.removed:
+            removals.add(rule, batch.row(position), **detail)
+        for what, count in prepared.normalised.items():
+            removals.count(what, count)
+        survivors = prepared.survivors  # positions in the batch
+        row_ids = [batch.first_id + position for position in survivors]
+        first = [self.exact.first_seen_digest(digest, row_id) for row_id, digest in zip(row_ids, prepared.key_digests)]
+        unique = np.array([earlier is None for earlier in first], dtype=bool)
+        for position, earlier in zip(survivors, first):
+            if earlier is not None:
+                removals.add("exact_dup", batch.row(position), duplicate_of=origins.of(earlier))
+        kept = np.flatnonzero(unique)
+        if self.near is not None and len(kept):
+            ids = [row_ids[index] for index in kept.tolist()]
+            if isinstance(prepared.near, dedup.Sketches):
+                firsts = self.near.add_sketches(prepared.near.select(unique), ids)
+            else:  # the datasketch backend: key texts
+                firsts = self.near.add_batch([prepared.near[index] for index in kept.tolist()], ids)
+            for index, earlier in zip(kept.tolist(), firsts):
+                if earlier is not None:
+                    removals.add("near_dup", batch.row(survivors[index]), duplicate_of=origins.of(earlier))
+                    unique[index] = False
+        now = time.perf_counter()
+        seconds["dedup"], clock = now - clock, now
+        if prepared.benchmark_hits is not None:
+            for index in np.flatnonzero(unique).tolist():
+                hits = prepared.benchmark_hits[index]
+                if hits:
+                    removals.add("decontaminated", batch.row(survivors[index]), benchmarks=hits)
+                    for hit in hits:
+                        per_benchmark[hit] += 1
+                    unique[index] = False
+        now = time.perf_counter()
+        seconds["decontaminate"], clock = now - clock, now
+        written = np.flatnonzero(unique)
+        for index in written.tolist():
             self.offsets.append(self.handle.tell())
-            self.handle.write(json.dumps(output_record(row), ensure_ascii=False).encode() + b"\n")
-            self.hashes.append(key_digest(f"{self.config.seed}\x1f{row.dedup_key}"))
-            self.key_digests.append(key_digest(row.dedup_key))
+            self.handle.write(prepared.lines[index])
+            self.hashes.append(prepared.split_hashes[index])
+        self.frame.add_columns(prepared.frame_columns, "train", written)
+        seconds["split"] = time.perf_counter() - clock
+        return seconds
 
     def write_splits(self, out_dir: Path) -> tuple[dict[str, int], CleanFrameBuilder]:
         """<role>/{train,eval}.jsonl in hash order; the row counts and the clean-suite columns."""
         order, n_eval = split_order(np.frombuffer(self.hashes, dtype=np.int64), self.config.eval_fraction)
-        builder = CleanFrameBuilder(list(ROLE_FIELDS[self.role]), self.fields)
+        self.offsets.append(self.handle.tell())
         (out_dir / self.role).mkdir(parents=True, exist_ok=True)
         with (out_dir / self.role / "train.jsonl").open("wb") as train, (out_dir / self.role / "eval.jsonl").open("wb") as held_out:
-            for rank, position in enumerate(order):
-                self.handle.seek(self.offsets[position])
-                line = self.handle.readline()
-                split = "eval" if rank < n_eval else "train"
-                (held_out if rank < n_eval else train).write(line)
-                builder.add(json.loads(line), split, known_digest=self.key_digests[position])
+            if len(order):
+                self.handle.flush()
+                with mmap.mmap(self.handle.fileno(), 0, access=mmap.ACCESS_READ) as lines:
+                    offsets = self.offsets
+                    held_out.writelines(lines[offsets[position] : offsets[position + 1]] for position in order[:n_eval].tolist())
+                    train.writelines(lines[offsets[position] : offsets[position + 1]] for position in order[n_eval:].tolist())
+        self.frame.arrange(order, ["eval", "train"], (np.arange(len(order)) >= n_eval).astype(np.int8))
         self.handle.close()
         self.path.unlink()
-        return {"train": len(order) - n_eval, "eval": n_eval}, builder
+        return {"train": len(order) - n_eval, "eval": n_eval}, self.frame
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -182,6 +200,7 @@ def _run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
     if config.decontaminate:
         benchmarks = BenchmarkIndex.load(inputs["benchmarks"].path, config.decontaminate_ngram, config.decontaminate_min_words)
     chat = ChatFormat(load_tokenizer(inputs["base"].path))
+    chat.end_of_turn, chat._reply_pieces  # worked out once here, not in every worker  # noqa: B018
 
     work_dir = out_dir / "_work"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -199,33 +218,30 @@ def _run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
         seconds[phase] += time.perf_counter() - clock
         return result
 
-    with Removals(out_dir / "rejected.jsonl") as removals:
+    def raw_batches() -> Iterator[RawBatch]:
+        """Every source's records, batch by batch; a source is tallied once read."""
+        nonlocal planted
         for index, source in enumerate(config.sources):
             name = source.path
             if source.generate is not None:
                 source, noise = generated_source(source, index, out_dir)
                 name = f"raw/{index}-{source.role}.jsonl"
                 planted = {key: planted[key] + noise[key] for key in planted}
-            first_row, stream = len(origins), streams[source.role]
-            batches = read_batches(source, name, config.batch_rows, origins, removals)
-            while (rows := timed("ingest", next, batches, None)) is not None:
-                timed("ingest", normalize_batch, rows, config.scrub_pii, removals)
-                rows = timed("filter", filter_batch, rows, config, chat, removals)
-                rows = timed("dedup", stream.dedup, rows, removals, origins)
-                if benchmarks is not None:
-                    clock, clean_rows = time.perf_counter(), []
-                    for row in rows:
-                        hits = benchmarks.matches(row.record, row.role)
-                        if hits:
-                            removals.add("decontaminated", row, benchmarks=hits)
-                            for hit in hits:
-                                per_benchmark[hit] += 1
-                        else:
-                            clean_rows.append(row)
-                    rows = clean_rows
-                    seconds["decontaminate"] += time.perf_counter() - clock
-                stream.keep(rows)
+            first_row = len(origins)
+            batches = read_raw_batches(source, name, config.batch_rows, origins)
+            while (batch := timed("ingest", next, batches, None)) is not None:
+                yield batch
             tally.append({"source": name, "role": source.role, "format": source.format, "type": source_type(source), "rows": len(origins) - first_row})
+
+    context = BatchContext(config, chat, benchmarks, dedup_fields)
+    workers, processes = config.workers or default_workers(), set()
+    with Removals(out_dir / "rejected.jsonl") as removals:
+        for batch, prepared in prepared_in_order(context, raw_batches(), workers):
+            failpoints.reach("phase")
+            processes.add(prepared.pid)
+            taken = streams[batch.source.role].take(batch, prepared, removals, origins, per_benchmark)
+            for phase, spent in [*prepared.seconds.items(), *taken.items()]:
+                seconds[phase] += spent
         near_stats = {}
         for role, stream in streams.items():
             if stream.near is None:
@@ -242,7 +258,7 @@ def _run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
     for role, stream in streams.items():
         counts[role], clean_builders[role] = stream.write_splits(out_dir)
     shutil.rmtree(work_dir)
-    seconds["split"] = time.perf_counter() - clock
+    seconds["split"] += time.perf_counter() - clock
 
     clock = time.perf_counter()
     summaries = []
@@ -273,6 +289,7 @@ def _run(config: DataConfig, inputs: dict[str, Artifact], out_dir: Path) -> Arti
         "contract_expectations_failed": sum(len(s["failed"]) for s in summaries),
         **{f"{name}_seconds": round(value, 3) for name, value in seconds.items()},
         "seconds": round(total_seconds, 3),
+        "worker_processes": len(processes),  # that prepared batches (1: all in the stage's process)
         "rows_per_second": round(rows_in / total_seconds, 1),
         # ru_maxrss is KiB on Linux: the process's peak so far (this stage or anything before it).
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

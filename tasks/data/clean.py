@@ -51,6 +51,23 @@ def normalize_text(text: str) -> str:
         text = unicodedata.normalize("NFKC", text)  # full-width forms, ligatures, NBSP -> plain
     if text.isprintable():  # one line, no escapes, controls or tabs (most fields): decided in C
         return (_SPACES.sub(" ", text) if "  " in text else text).strip()
+    if "  " not in text and "\t" not in text and text.replace("\n", "").isprintable():
+        # Several lines, but no escapes, controls, tabs or runs of spaces (most multi-line fields):
+        # nothing is indentation and no run needs collapsing, so only the line ends and the blank
+        # lines at both ends are tidied, without a regex per line. Same result as below (tested).
+        text = text.strip("\n")
+        while "\n" in text and not text[: text.index("\n")].strip():
+            text = text[text.index("\n") + 1 :]
+        if "\n" not in text:
+            return text.strip()
+        lines = [line.rstrip() for line in text.rstrip().split("\n")]
+        lines[0] = lines[0].lstrip()
+        return "\n".join(lines)
+    return _normalize_lines(text)
+
+
+def _normalize_lines(text: str) -> str:
+    """normalize_text after NFKC, for text that is not one plain line."""
     if "\x1b" in text:
         text = _ANSI_ESCAPE.sub("", text)
     text = _CONTROL.sub("", text)

@@ -36,6 +36,7 @@ import hashlib
 import time
 from array import array
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cache
 from itertools import pairwise
 
@@ -65,9 +66,16 @@ class ExactIndex:
     def __init__(self) -> None:
         self._first: dict[bytes, int] = {}
 
+    @staticmethod
+    def digest(key_text: str) -> bytes:
+        return hashlib.blake2b(key_text.encode(), digest_size=16).digest()
+
     def first_seen(self, key_text: str, row_id: int) -> int | None:
         """The row_id of the earlier row with this key, else None (and this row becomes the first)."""
-        digest = hashlib.blake2b(key_text.encode(), digest_size=16).digest()
+        return self.first_seen_digest(self.digest(key_text), row_id)
+
+    def first_seen_digest(self, digest: bytes, row_id: int) -> int | None:
+        """first_seen for a key already digested (ExactIndex.digest), e.g. in a worker process."""
         first = self._first.setdefault(digest, row_id)
         return None if first == row_id else first
 
@@ -424,6 +432,47 @@ def exact_jaccard(hashes: np.ndarray, offsets: np.ndarray, left: np.ndarray, rig
 # ----------------------------------------------------------------------------- the streaming index
 
 
+@dataclass
+class Sketches:
+    """What the numpy backend computes for a batch of rows before it looks at the index: each row's
+    32-bit shingle hashes (flat, `counts` per row) and its LSH band keys (one column per row with a
+    shingle). A pure function of the key texts and the config, so a worker process can make it."""
+
+    hashes: np.ndarray
+    counts: np.ndarray
+    band_keys: np.ndarray
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.counts)
+
+    def select(self, keep: np.ndarray) -> Sketches:
+        """The rows where `keep` (a bool per row) is true, in order."""
+        keep = np.asarray(keep, dtype=bool)
+        return Sketches(self.hashes[np.repeat(keep, self.counts)], self.counts[keep], self.band_keys[:, keep[self.counts > 0]], self.seconds)
+
+    def slice(self, lo: int, hi: int) -> Sketches:
+        keep = np.zeros(self.rows, dtype=bool)
+        keep[lo:hi] = True
+        return Sketches(**{**self.select(keep).__dict__, "seconds": {}})
+
+
+def sketch(keys: KeyCodes | list[str], config: NearDupConfig, powers: _Powers | None = None) -> Sketches:
+    """Shingle, MinHash and band the rows' near-dup keys (keytext.near_dup_keys, or plain strings)."""
+    if not isinstance(keys, KeyCodes):
+        keys = KeyCodes.from_texts(keys)
+    elif config.shingle_unit == "char" and not keys.collapsed:
+        keys = collapse_spaces(keys)  # runs of spaces would change char shingles
+    started = time.perf_counter()
+    hashes, counts = shingle_hashes(keys, config.shingle_size, config.shingle_unit, powers)
+    hashed = time.perf_counter()
+    bands, band_rows = lsh_bands(config.threshold, config.num_perm)
+    signatures = minhash_signatures(hashes, counts, bands * band_rows)
+    band = band_keys(signatures, bands, band_rows)
+    return Sketches(hashes, counts, band, {"shingle_seconds": hashed - started, "hash_seconds": time.perf_counter() - hashed})
+
+
 class NearDupIndex:
     """Streaming MinHash-LSH near-duplicate finder. Rows arrive in order in batches; each row is compared
     with every earlier row (of this index). Keep-the-first: a row that matches an earlier row is a
@@ -454,18 +503,27 @@ class NearDupIndex:
         `keys`: the rows' key texts (keytext.near_dup_keys, or plain strings taken as they are)."""
         if len(keys) != len(row_ids):
             raise ValueError(f"NearDupIndex.add_batch: {len(keys)} texts but {len(row_ids)} row ids")
-        if self.config.backend == "datasketch":
-            keys = keys.texts() if isinstance(keys, KeyCodes) else keys
-        elif not isinstance(keys, KeyCodes):
-            keys = KeyCodes.from_texts(keys)
-        elif self.config.shingle_unit == "char" and not keys.collapsed:
-            keys = collapse_spaces(keys)  # runs of spaces would change char shingles
-        most = (1 << _POSITION_BITS) // self.bands  # entry positions must fit the low bits of a sort key
-        if len(keys) > most:
-            return [kept for lo in range(0, len(keys), most) for kept in self.add_batch(keys[lo : lo + most], row_ids[lo : lo + most])]
+        if self.config.backend == "numpy":
+            return self.add_sketches(sketch(keys, self.config, self._powers), row_ids)
+        keys = keys.texts() if isinstance(keys, KeyCodes) else keys
         first_id = len(self._row_ids)
         self._row_ids.extend(row_ids)
-        new, old = self._pairs_numpy(keys, first_id) if self.config.backend == "numpy" else self._pairs_datasketch(keys, first_id)
+        return self._join(*self._pairs_datasketch(keys, first_id), first_id, len(keys))
+
+    def add_sketches(self, sketches: Sketches, row_ids: list[int]) -> list[int | None]:
+        """add_batch for rows already sketched (numpy backend), e.g. in a worker process."""
+        if sketches.rows != len(row_ids):
+            raise ValueError(f"NearDupIndex.add_sketches: {sketches.rows} rows sketched but {len(row_ids)} row ids")
+        for name in ("shingle_seconds", "hash_seconds"):
+            self._seconds[name] += sketches.seconds.get(name, 0.0)
+        most = (1 << _POSITION_BITS) // self.bands  # entry positions must fit the low bits of a sort key
+        if sketches.rows > most:
+            return [kept for lo in range(0, sketches.rows, most) for kept in self.add_sketches(sketches.slice(lo, lo + most), row_ids[lo : lo + most])]
+        first_id = len(self._row_ids)
+        self._row_ids.extend(row_ids)
+        return self._join(*self._pairs_numpy(sketches, first_id), first_id, sketches.rows)
+
+    def _join(self, new: np.ndarray, old: np.ndarray, first_id: int, rows: int) -> list[int | None]:
         started = time.perf_counter()
         parent = self._parent
         for row, earlier in zip(new.tolist(), old.tolist()):  # sorted by row, so `earlier` is final
@@ -475,15 +533,11 @@ class NearDupIndex:
         self._counts["verified_pairs"] += len(new)
         self._seconds["lsh_seconds"] += time.perf_counter() - started
         ids = self._row_ids
-        return [None if (root := parent.get(i)) is None else ids[root] for i in range(first_id, first_id + len(keys))]
+        return [None if (root := parent.get(i)) is None else ids[root] for i in range(first_id, first_id + rows)]
 
-    def _pairs_numpy(self, keys: KeyCodes, first_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def _pairs_numpy(self, sketches: Sketches, first_id: int) -> tuple[np.ndarray, np.ndarray]:
         config, started = self.config, time.perf_counter()
-        hashes, counts = shingle_hashes(keys, config.shingle_size, config.shingle_unit, self._powers)
-        hashed = time.perf_counter()
-        signatures = minhash_signatures(hashes, counts, self.bands * self.band_rows)
-        keys = band_keys(signatures, self.bands, self.band_rows)
-        sketched = time.perf_counter()
+        hashes, counts, keys = sketches.hashes, sketches.counts, sketches.band_keys
         self._hashes.extend(hashes)
         self._offsets.extend(self._offsets.values[-1] + np.cumsum(counts))
         ids = first_id + np.flatnonzero(counts > 0)
@@ -512,9 +566,7 @@ class NearDupIndex:
         new, old = (pairs >> _U64(32)).astype(np.int64), (pairs & _U64(0xFFFFFFFF)).astype(np.int64)
         self._counts["candidate_pairs"] += len(pairs)
         match = exact_jaccard(self._hashes.values, self._offsets.values, new, old) >= config.threshold
-        self._seconds["shingle_seconds"] += hashed - started
-        self._seconds["hash_seconds"] += sketched - hashed
-        self._seconds["lsh_seconds"] += time.perf_counter() - sketched
+        self._seconds["lsh_seconds"] += time.perf_counter() - started
         return new[match], old[match]
 
     def _pairs_datasketch(self, texts: list[str], first_id: int) -> tuple[np.ndarray, np.ndarray]:

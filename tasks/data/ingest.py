@@ -22,6 +22,7 @@ import json
 import re
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import skills, transcripts
@@ -384,11 +385,23 @@ def generated_source(source: SourceConfig, index: int, out_dir: Path) -> tuple[S
     return SourceConfig(path=str(out_dir / name), role=source.role, type="jsonl"), counts
 
 
-def read_batches(
-    source: SourceConfig, name: str, batch_rows: int, origins: Origins, removals: Removals
-) -> Iterator[list[Row]]:
-    """Rows of one source, `batch_rows` at a time, each with its row id; unusable records go to
-    `removals` with their rule and never reach the caller."""
+@dataclass
+class RawBatch:
+    """Records of one source as read, before their schema is mapped (map_batch); row ids are
+    `first_id`, `first_id + 1`, … in order."""
+
+    source: SourceConfig
+    name: str  # how rejected.jsonl and error messages name the source
+    first_id: int
+    row_numbers: list[int]
+    records: list
+
+    def row(self, position: int, record: dict | None = None) -> Row:
+        return Row(self.source.role, {} if record is None else record, self.records[position], self.name, self.row_numbers[position], self.first_id + position)
+
+
+def read_raw_batches(source: SourceConfig, name: str, batch_rows: int, origins: Origins) -> Iterator[RawBatch]:
+    """Records of one source, `batch_rows` at a time, each given a row id in `origins`."""
     origins.start_source(name)
     # A `fields` entry that names a column no row has would otherwise read as an empty optional
     # field (alpaca's input) in every row: silent loss. Checked once the whole source is read.
@@ -397,22 +410,48 @@ def read_batches(
     records_read = 0
     for batch in read_records(source, batch_rows):
         records_read += len(batch)
-        rows = []
-        for row_number, record in batch:
-            if unseen_columns and isinstance(record, dict):
-                for column in [column for column in unseen_columns if column in record]:
-                    del unseen_columns[column]
-            row_id = origins.add(row_number)
-            where = f"{name} row {row_number}"
-            try:
-                kept = to_role_record(record, source, where, removals)
-            except Unusable as unusable:
-                removals.add(unusable.rule, Row(source.role, {}, record, name, row_number, row_id))
-                continue
-            rows.append(Row(source.role, kept, record, name, row_number, row_id))
-        yield rows
+        first_id = len(origins)
+        row_numbers = [row_number for row_number, _ in batch]
+        for row_number in row_numbers:
+            origins.add(row_number)
+        records = [record for _, record in batch]
+        if unseen_columns:
+            for record in records:
+                if isinstance(record, dict):
+                    for column in [column for column in unseen_columns if column in record]:
+                        del unseen_columns[column]
+        yield RawBatch(source, name, first_id, row_numbers, records)
     if records_read == 0:
         raise ValueError(f"{name}: no rows (an empty source; remove it from data.sources or fill it)")
     if unseen_columns:
         column, field = next(iter(unseen_columns.items()))
         raise ValueError(f"{name}: fields maps {field!r} to column {column!r}, which no row of the source has")
+
+
+def map_batch(batch: RawBatch, removals) -> list[dict | str]:
+    """Per record its role record (to_role_record), or the rule that makes it unusable; a record
+    that does not fit the schema raises ValueError naming the source and row. `removals` counts
+    what mapping rewrites (`count("placeholder_input", n)`): Removals, or a worker's collector."""
+    source, name = batch.source, batch.name
+    mapped = []
+    for row_number, record in zip(batch.row_numbers, batch.records):
+        try:
+            mapped.append(to_role_record(record, source, f"{name} row {row_number}", removals))
+        except Unusable as unusable:
+            mapped.append(unusable.rule)
+    return mapped
+
+
+def read_batches(
+    source: SourceConfig, name: str, batch_rows: int, origins: Origins, removals: Removals
+) -> Iterator[list[Row]]:
+    """Rows of one source, `batch_rows` at a time, each with its row id; unusable records go to
+    `removals` with their rule and never reach the caller."""
+    for batch in read_raw_batches(source, name, batch_rows, origins):
+        rows = []
+        for position, kept in enumerate(map_batch(batch, removals)):
+            if isinstance(kept, str):
+                removals.add(kept, batch.row(position))
+            else:
+                rows.append(batch.row(position, kept))
+        yield rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,25 @@ def test_the_demo_template_renders_the_demo_text_and_its_old_token_ids():
     assert encoded["input_ids"] == prompt + completion
     assert encoded["labels"] == [IGNORE_INDEX] * len(prompt) + completion
     assert chat.stop_token_ids == [tokenizer.eos_token_id]
+
+
+def test_the_demo_tokenizer_gives_one_id_per_character_and_survives_a_save(tmp_path):
+    from posttrain.models import SPECIAL_TOKENS, load_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    vocab = tokenizer.get_vocab()
+    unk = vocab[SPECIAL_TOKENS["unk_token"]]
+    text = "Héllo  wörld\t✓\n\n x</s>y<s>  "
+    # By hand: every character its own id, unknown ones (é, ö, ✓, the tab) <unk> each; "</s>" and "<s>" whole.
+    expected = []
+    for piece in re.split(r"(</s>|<s>)", text):
+        expected += [vocab[piece]] if piece in ("</s>", "<s>") else [vocab.get(char, unk) for char in piece]
+    tokenizer.save_pretrained(tmp_path)
+    for loaded in (tokenizer, load_tokenizer(tmp_path)):
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert ids == expected
+        assert ids.count(unk) == 4
+        assert loaded.decode(loaded("reverse abc\nA: cba</s>", add_special_tokens=False)["input_ids"]) == "reverse abc\nA: cba</s>"
 
 
 @pytest.mark.parametrize("template", ["chatml", "demo"])

@@ -78,6 +78,25 @@ def stage(tmp_path_factory, tiny_base, tiny_benchmarks, files):
     return {"artifact": artifact, "metrics": artifact.metrics, "out": out_dir, "rejected": rejected, "config": config}
 
 
+def test_worker_processes_and_batch_size_do_not_change_a_byte(stage, tmp_path, tiny_base, tiny_benchmarks):
+    """The stage's own run (one worker per CPU, 4,096-row batches) against three workers on
+    257-row batches and everything in the stage's process: the same files, the same counts."""
+    runs = {"default": (stage["out"], stage["metrics"])}
+    for name, options in {"three": {"workers": 3, "batch_rows": 257}, "in_process": {"workers": 1, "batch_rows": 1000}}.items():
+        config = stage["config"].model_copy(update=options)
+        out_dir = tmp_path / name
+        runs[name] = (out_dir, data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir).metrics)
+    assert runs["three"][1]["worker_processes"] == 3 and runs["in_process"][1]["worker_processes"] == 1
+    files = sorted(path.relative_to(stage["out"]) for path in stage["out"].rglob("*.jsonl"))
+    assert {"rejected.jsonl", "near_dup_clusters.jsonl", "instruction/train.jsonl", "preference/eval.jsonl"} <= {str(path) for path in files}
+    timing = ("seconds", "second", "_mb", "_bytes", "worker_processes")  # time and memory
+    for out_dir, metrics in runs.values():
+        assert sorted(path.relative_to(out_dir) for path in out_dir.rglob("*.jsonl")) == files
+        for path in files:
+            assert (out_dir / path).read_bytes() == (stage["out"] / path).read_bytes(), path
+        assert {k: v for k, v in metrics.items() if not k.endswith(timing)} == {k: v for k, v in stage["metrics"].items() if not k.endswith(timing)}
+
+
 def outputs(out_dir: Path, role: str) -> list[dict]:
     return read_jsonl(out_dir / role / "train.jsonl") + read_jsonl(out_dir / role / "eval.jsonl")
 
@@ -165,6 +184,23 @@ def test_normalisation_keeps_code_indentation_and_tidies_prose():
     assert data.normalize_text(answer) == "Use a loop:\n\n```python\nx  =  1\n```\nThat's all."
     assert data.normalize_text("  one   line\t ") == "one line"
     assert data.normalize_text("\xa0\xa0\xa0\xa0return x\n") == "return x"  # one line: stripped; NBSP is a space
+
+
+def test_the_fast_paths_of_normalisation_give_what_the_line_by_line_path_gives():
+    import random
+
+    from tasks.data.clean import _normalize_lines
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", " ", "\n", "\n", "`", "```", "~~~", ".", "\t", "\r", "\x1b[1m", "\x07"]
+    fast = 0
+    for _ in range(20000):
+        pool = alphabet[:10] if rng.random() < 0.7 else alphabet  # mostly text the fast paths take
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 24)))
+        if "  " not in text and "\t" not in text and text.replace("\n", "").isprintable():
+            fast += 1
+        assert data.normalize_text(text) == _normalize_lines(text), repr(text)
+    assert fast > 5000
 
 
 def test_terminal_escape_sequences_are_removed_whole():

@@ -317,6 +317,46 @@ def test_benchmark_index_ngram_rules():
     assert index.matches({"prompt": "reverse abcde", "response": "edcba"}, "instruction") == ["short"]
 
 
+def test_the_batch_screen_finds_every_row_the_word_by_word_check_finds():
+    """matches_batch hashes word windows in numpy and checks only the rows it flags: it must give
+    what matches() gives row by row, whatever the case, punctuation, Unicode letters or length."""
+    import random
+
+    items = [*GSM8K_LIKE, "Ärger über Straße: warum fährt der Zug nicht pünktlich ab heute morgen", "name the largest ocean on earth today please"]
+    index = BenchmarkIndex({"gsm8k": items[:2], "de": items[2:3], "short": items[3:]}, ngram=13, min_words=8)
+    rng = random.Random(0)
+    vocabulary = "natalia sold clips to 48 of her friends in april straße ärger über zug the a name ocean earth weng ΣΟΦΊΑ İstanbul".split()
+    records = []
+    for _ in range(3000):
+        kind = rng.random()
+        if kind < 0.3:  # a slice of an item, re-cased and re-punctuated, inside other words
+            words = rng.choice(items).split()
+            start = rng.randrange(len(words))
+            piece = words[start : start + rng.randint(1, 14)]
+            text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 3))) + " " + ",  ".join(piece).upper() if rng.random() < 0.5 else " ".join(piece)
+        else:
+            text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 20)))
+        records.append({"prompt": text if rng.random() < 0.5 else "q", "response": text if rng.random() < 0.5 else "", "extra": 1})
+    one_by_one = [index.matches(record, "instruction") for record in records]
+    assert sum(map(bool, one_by_one)) > 30  # the data exercises the window rules, not only clean rows
+    assert index.matches_batch(records, "instruction") == one_by_one
+    assert index.matches_batch([], "instruction") == []
+    exact_only = BenchmarkIndex({"short": ["reverse abcde"]}, ngram=13, min_words=8)  # no windows at all
+    assert exact_only.matches_batch([{"prompt": "reverse abcde", "response": "x"}, {"prompt": "x", "response": "reverse abcde"}], "instruction") == [["short"], []]
+
+
+def test_common_prefix_length_is_commonprefix():
+    import os
+    import random
+
+    from posttrain.transcripts import common_prefix_length
+
+    rng = random.Random(1)
+    for _ in range(5000):
+        a, b = ("".join(rng.choice("ab\n") for _ in range(rng.randint(0, 12))) for _ in range(2))
+        assert common_prefix_length(a, b) == len(os.path.commonprefix([a, b]))
+
+
 def test_stage_mixes_formats_and_containers(tmp_path, tiny_base):
     """One run: Alpaca JSON array, hh JSON lines, messages Parquet, prompts CSV, with PII scrubbing
     and n-gram decontamination against a planted long benchmark item."""
