@@ -13,6 +13,7 @@ lazily: the import alone takes seconds, and most callers of this package only bu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -76,7 +77,42 @@ def import_gx():
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     import great_expectations as gx
 
+    _compile_docs_templates()
     return gx
+
+
+@functools.cache
+def _compile_docs_templates() -> None:
+    """Compile GX's Data Docs templates once per process, like an import.
+
+    GX makes a new jinja Environment for every view it renders, and jinja caches compiled
+    templates per Environment, so every Data Docs build compiled GX's ~50 templates again (0.13 s
+    of the data stage's 0.2 s of docs on the CPU box). Every view now gets one in-memory bytecode
+    cache, keyed by jinja's own bucket key (template name and source checksum)."""
+    import jinja2
+    from great_expectations.render.view import view
+
+    class CompiledTemplates(jinja2.BytecodeCache):
+        def __init__(self) -> None:
+            self.code: dict[str, bytes] = {}
+
+        def load_bytecode(self, bucket) -> None:
+            if bucket.key in self.code:
+                bucket.bytecode_from_string(self.code[bucket.key])
+
+        def dump_bytecode(self, bucket) -> None:
+            self.code[bucket.key] = bucket.bytecode_to_string()
+
+    cache, make_view = CompiledTemplates(), view.DefaultJinjaView.__init__
+
+    def make_view_with_cache(self, *args, **kwargs) -> None:
+        make_view(self, *args, **kwargs)
+        self.env.bytecode_cache = cache
+
+    view.DefaultJinjaView.__init__ = make_view_with_cache
+    environment = view.DefaultJinjaView().env
+    for name in environment.list_templates(filter_func=lambda name: name.endswith((".j2", ".html"))):
+        environment.get_template(name)
 
 
 def _build_suite(gx, spec: dict, path: Path):

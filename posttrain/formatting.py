@@ -232,6 +232,30 @@ class ChatFormat:
         # context and reply per turn, the whitespace after the last, a spare
         return self.text_bounds([self.render(messages) for messages in conversations], [2 * len(messages) + 2 for messages in conversations])
 
+    def record_bounds(self, records: list[dict], reply_key: str = "response") -> list[int] | None:
+        """length_bounds of each record's conversation (record_messages), without rendering the
+        single-turn ones: where the template is plain concatenation around the two texts and the
+        tokenizer has no normalizer, the rendered text's UTF-8 bytes are the template's plus the texts'."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        fast = self._single_turn
+        if fast is None or self.tokenizer.backend_tokenizer.normalizer is not None:
+            return self.length_bounds([record_messages(record, reply_key) for record in records])
+        fixed = len("".join(fast).encode("utf-8")) + 4 * 6  # user + reply: 6 segments (length_bounds)
+
+        def utf8(text: str) -> int:
+            return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+        bounds = [None if "messages" in record else fixed + utf8(record["prompt"]) + utf8(record[reply_key]) for record in records]
+        chats = [index for index, bound in enumerate(bounds) if bound is None]
+        if chats:
+            chat_bounds = self.length_bounds([record_messages(records[index], reply_key) for index in chats])
+            if chat_bounds is None:
+                return None
+            for index, bound in zip(chats, chat_bounds):
+                bounds[index] = bound
+        return bounds
+
     def text_bounds(self, texts: list[str], segments: list[int]) -> list[int] | None:
         """length_bounds for texts already rendered, each tokenized as `segments` separate pieces."""
         if not getattr(self.tokenizer, "is_fast", False):

@@ -85,7 +85,7 @@ class RoleStream:
         self.near = dedup.NearDupIndex(config.near_dup) if config.near_dup.enabled else None
         self.path = work_dir / f"{role}.jsonl"
         self.handle = self.path.open("w+b")
-        self.offsets, self.hashes = array("q"), array("q")
+        self.offsets, self.hashes, self.written_bytes = array("q"), array("q"), 0
         self.frame = CleanFrameBuilder(list(ROLE_FIELDS[role]), fields)
 
     def take(self, batch: RawBatch, prepared: Prepared, removals: Removals, origins: Origins, per_benchmark: dict[str, int]) -> dict[str, float]:
@@ -129,8 +129,10 @@ class RoleStream:
         seconds["decontaminate"], clock = now - clock, now
         written = np.flatnonzero(unique)
         for index in written.tolist():
-            self.offsets.append(self.handle.tell())
-            self.handle.write(prepared.lines[index])
+            line = prepared.lines[index]
+            self.offsets.append(self.written_bytes)
+            self.handle.write(line)
+            self.written_bytes += len(line)
             self.hashes.append(prepared.split_hashes[index])
         self.frame.add_columns(prepared.frame_columns, "train", written)
         seconds["split"] = time.perf_counter() - clock
@@ -139,7 +141,7 @@ class RoleStream:
     def write_splits(self, out_dir: Path) -> tuple[dict[str, int], CleanFrameBuilder]:
         """<role>/{train,eval}.jsonl in hash order; the row counts and the clean-suite columns."""
         order, n_eval = split_order(np.frombuffer(self.hashes, dtype=np.int64), self.config.eval_fraction)
-        self.offsets.append(self.handle.tell())
+        self.offsets.append(self.written_bytes)
         (out_dir / self.role).mkdir(parents=True, exist_ok=True)
         with (out_dir / self.role / "train.jsonl").open("wb") as train, (out_dir / self.role / "eval.jsonl").open("wb") as held_out:
             if len(order):

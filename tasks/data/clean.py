@@ -184,13 +184,12 @@ def filter_batch(rows: list[Row], config: DataConfig, chat: ChatFormat, removals
         identical = [parts["chosen_ids"] == parts["rejected_ids"] for parts in split]
     else:
         reply_key = ROLE_FIELDS[survivors[0].role][1]
-        conversations = [record_messages(record, reply_key) for record in records]
         # Exact counts only where the bound cannot clear a row: on Alpaca at 1,024 tokens that is
         # one row in ten; the filter keeps and drops exactly the rows full tokenization would.
-        bounds = chat.length_bounds(conversations) or [config.max_tokens + 1] * len(conversations)
+        bounds = chat.record_bounds(records, reply_key) or [config.max_tokens + 1] * len(records)
         unclear = [index for index, bound in enumerate(bounds) if bound > config.max_tokens]
         lengths = list(bounds)
-        exact = chat.encode_many([conversations[index] for index in unclear], max_length=1 << 30)
+        exact = chat.encode_many([record_messages(records[index], reply_key) for index in unclear], max_length=1 << 30)
         for index, encoded in zip(unclear, exact):
             lengths[index] = len(encoded["input_ids"])
         identical = [False] * len(survivors)

@@ -65,7 +65,7 @@ class BenchmarkIndex:
             for start in range(len(item_words) - n + 1):
                 self.by_window.setdefault(item_words[start : start + self.probe], []).append(position)
         self.names = sorted(items)
-        self.window_hashes = np.unique(self._window_hashes([" ".join(item_words) for _, _, item_words in self.required])[0])
+        self.window_hashes = np.unique(self._window_hashes([{"text": " ".join(item_words)} for _, _, item_words in self.required], "text")[0])
         # A 1 MB table over the hashes' top bits turns most windows away with one lookup each;
         # the rest (~2 % at 20k benchmark windows) are confirmed by a binary search.
         self._screen = np.zeros(1 << _SCREEN_BITS, dtype=bool)
@@ -103,9 +103,9 @@ class BenchmarkIndex:
                     found.add(position)
         return hits
 
-    def _window_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """32-bit hashes of every probe-word window of each text, flat, and the count per text."""
-        keys = near_dup_keys([{"text": text} for text in texts], ["text"], strip_punctuation=True, collapse=False)
+    def _window_hashes(self, records: list[dict], field: str) -> tuple[np.ndarray, np.ndarray]:
+        """32-bit hashes of every probe-word window of each record's `field`, flat, and the count per record."""
+        keys = near_dup_keys(records, [field], strip_punctuation=True, collapse=False)
         return shingle_hashes(keys, max(self.probe, 1), "word")
 
     def matches(self, record: dict, role: str) -> list[str]:
@@ -121,7 +121,7 @@ class BenchmarkIndex:
         flagged = np.zeros(len(records), dtype=bool)
         if self.required and records and len(self.window_hashes):
             for key in ROLE_FIELDS[role]:
-                hashes, counts = self._window_hashes([record[key] for record in records])
+                hashes, counts = self._window_hashes(records, key)
                 maybe = np.flatnonzero(self._screen[hashes >> np.uint32(32 - _SCREEN_BITS)])
                 at = np.minimum(np.searchsorted(self.window_hashes, hashes[maybe]), len(self.window_hashes) - 1)
                 found = maybe[self.window_hashes[at] == hashes[maybe]]

@@ -396,6 +396,14 @@ class RawBatch:
     row_numbers: list[int]
     records: list
 
+    def split(self, parts: int) -> list[RawBatch]:
+        """The batch in `parts` consecutive pieces of nearly equal size (fewer if it is short)."""
+        size = max(1, -(-len(self.records) // parts))
+        return [
+            RawBatch(self.source, self.name, self.first_id + lo, self.row_numbers[lo : lo + size], self.records[lo : lo + size])
+            for lo in range(0, len(self.records), size)
+        ] or [self]
+
     def row(self, position: int, record: dict | None = None) -> Row:
         return Row(self.source.role, {} if record is None else record, self.records[position], self.name, self.row_numbers[position], self.first_id + position)
 

@@ -21,6 +21,7 @@ is not the platform's way (macOS, Windows), the batches run in the stage's proce
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import sys
@@ -171,25 +172,32 @@ def _prepare_in_worker(batch: RawBatch) -> Prepared:
 
 def prepared_in_order(context: BatchContext, batches: Iterable[RawBatch], workers: int) -> Iterator[tuple[RawBatch, Prepared]]:
     """(batch, prepare(context, batch)) for each batch, in order. With workers > 1 (and fork
-    available) up to workers + 1 batches are in flight while the caller reads the next ones and
-    applies the finished ones."""
+    available) each batch goes out in `workers` pieces, up to workers + 1 pieces in flight while
+    the caller reads the next batch and applies the finished pieces: the pieces keep every worker
+    busy at the end of the data too (hh-rlhf's 2,354 pairs, one batch, cost as much as 6,000
+    Alpaca rows)."""
     if workers <= 1 or not can_fork():
         for batch in batches:
             yield batch, prepare(context, batch)
         return
+    # Objects the collector never visits stay in pages the workers share with this process; a
+    # collection in either would touch (and so copy) every page of the ~1 GB the libraries hold.
+    gc.freeze()
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(context,))
     pending: deque = deque()
     try:
         for batch in batches:
-            pending.append((batch, pool.submit(_prepare_in_worker, batch)))
-            if len(pending) > workers:
-                batch, future = pending.popleft()
-                yield batch, future.result()
+            for piece in batch.split(workers):
+                pending.append((piece, pool.submit(_prepare_in_worker, piece)))
+                if len(pending) > workers:
+                    piece, future = pending.popleft()
+                    yield piece, future.result()
         while pending:
-            batch, future = pending.popleft()
-            yield batch, future.result()
+            piece, future = pending.popleft()
+            yield piece, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 def default_workers() -> int:

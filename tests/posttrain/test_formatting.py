@@ -156,13 +156,15 @@ def test_the_length_bound_is_never_below_the_token_count(kind):
     chat = ChatFormat(tokenizer)
     rng = random.Random(2)
     alphabet = list("abc XYZ 123 \n\t  ") + ["é", "ß", "中文", "🙂", "▁", "Ω", "<|im_end|>", "</s>"]
-    conversations = []
+    records = []
     for _ in range(300):
         prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
         reply = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
-        conversations.append(record_messages({"prompt": prompt, "response": reply}))
-    conversations.append(THREE_TURNS)
+        records.append({"prompt": prompt, "response": reply})
+    records.append({"prompt": "unused", "response": THREE_TURNS[-1]["content"], "messages": THREE_TURNS})
+    conversations = [record_messages(record) for record in records]
     bounds = chat.length_bounds(conversations)
+    assert chat.record_bounds(records) == bounds  # the same bound, without rendering single turns
     exact = [len(encoded["input_ids"]) for encoded in chat.encode_many(conversations, max_length=1 << 30)]
     assert all(bound >= count for bound, count in zip(bounds, exact)), [(b, c) for b, c in zip(bounds, exact) if b < c][:3]
     # and it is a useful bound: within a few bytes a character for plain ASCII text

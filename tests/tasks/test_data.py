@@ -386,6 +386,7 @@ def test_the_length_filter_keeps_exactly_what_full_tokenization_keeps(tiny_base,
 
     with_bound = filtered(Path(tempfile.mkdtemp()) / "bound")
     monkeypatch.setattr(ChatFormat, "length_bounds", lambda self, conversations: None)
+    monkeypatch.setattr(ChatFormat, "record_bounds", lambda self, records, reply_key="response": None)
     monkeypatch.setattr(ChatFormat, "text_bounds", lambda self, texts, segments: None)
     exact = filtered(Path(tempfile.mkdtemp()) / "exact")
     assert with_bound == exact
