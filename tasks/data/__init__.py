@@ -5,8 +5,15 @@
     python -m tasks.data --config data.json --inputs inputs.json --out /tmp/data   # as its own process
 
 Rows stream through steps 1-6 in batches of `data.batch_rows`; only the survivors are written (to
-a scratch file per role), so memory holds one batch of text plus a few numbers per row and the
-dedup indexes. Every dropped row goes to `rejected.jsonl` with its rule and source row:
+a scratch file per role), so memory holds a few batches of text plus a few numbers per row and the
+dedup indexes. Every dropped row goes to `rejected.jsonl` with its rule and source row.
+
+Everything a batch can do alone (prepare.py: schema mapping, normalising, filtering, the dedup
+key's digest and near-dup sketch, the benchmark matches, the output lines and their contract
+columns) runs on `data.workers` forked processes, one per CPU by default; this process reads the
+sources and applies the prepared batches in reading order (RoleStream.take: which key came first,
+the near-dup index, the removals), so the output is the same for any number of workers. Phase
+seconds in the manifest are summed over the processes.
 
  1. ingest      each source (ingest.py: JSON lines/array, Parquet, CSV, `datasets` folder or id,
                 generated skills) mapped from its schema (alpaca, messages, hh, …) onto the role's
@@ -161,10 +168,11 @@ class RoleStream:
 
 @contextmanager
 def tokenizer_threads():
-    """The fast tokenizer's batched calls on every core while the stage runs. posttrain.env turns
-    that off for the process (Rust threads and a later fork do not mix: a DataLoader worker would
-    deadlock); here nothing forks, and the exact counts of the rows the byte bound cannot clear are
-    the filter's largest cost. tokenizers reads the variable at every call."""
+    """The fast tokenizer's batched calls on every core while the stage runs in one process
+    (`data.workers: 1`). posttrain.env turns that off for the process (Rust threads and a later fork
+    do not mix: a DataLoader worker would deadlock); worker processes forked by this stage turn it
+    off again in themselves before they tokenize (prepare._start_worker). tokenizers reads the
+    variable at every call."""
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:

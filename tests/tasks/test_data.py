@@ -97,6 +97,20 @@ def test_worker_processes_and_batch_size_do_not_change_a_byte(stage, tmp_path, t
         assert {k: v for k, v in metrics.items() if not k.endswith(timing)} == {k: v for k, v in stage["metrics"].items() if not k.endswith(timing)}
 
 
+def test_the_datasketch_backend_gives_the_same_files_on_workers(stage, tmp_path, tiny_base, tiny_benchmarks):
+    """With near_dup.backend: datasketch the workers send key texts instead of sketches."""
+    near = stage["config"].near_dup.model_copy(update={"backend": "datasketch"})
+    runs = []
+    for workers in (1, 2):
+        config = stage["config"].model_copy(update={"near_dup": near, "workers": workers, "batch_rows": 700, "contract_suites": False})
+        out_dir = tmp_path / f"workers-{workers}"
+        runs.append((out_dir, data.run(config, {"base": tiny_base, "benchmarks": tiny_benchmarks}, out_dir).metrics))
+    (one, _), (two, metrics) = runs
+    assert metrics["worker_processes"] == 2 and metrics["removed_near_dup"] > 0
+    for name in ("rejected.jsonl", "near_dup_clusters.jsonl", "instruction/train.jsonl", "preference/train.jsonl"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 def outputs(out_dir: Path, role: str) -> list[dict]:
     return read_jsonl(out_dir / role / "train.jsonl") + read_jsonl(out_dir / role / "eval.jsonl")
 
