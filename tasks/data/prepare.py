@@ -164,6 +164,12 @@ def _start_worker(context: BatchContext) -> None:
     _CONTEXT = context
     # The parent may have run the tokenizer's Rust thread pool; its threads do not exist here.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Another thread of the parent may have been writing to stdout or stderr at the fork, holding
+    # the stream's lock for good in this copy: a warning printed here would wait forever. Fresh
+    # stream objects on the same file descriptors have their own locks. (logging re-creates its
+    # locks after a fork by itself.)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the worker
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
 
 
 def _prepare_in_worker(batch: RawBatch) -> Prepared:
