@@ -21,9 +21,11 @@ is not the platform's way (macOS, Windows), the batches run in the stage's proce
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -153,14 +155,30 @@ def prepare(context: BatchContext, batch: RawBatch) -> Prepared:
 # ----------------------------------------------------------------------------- worker processes
 
 _CONTEXT: BatchContext | None = None  # set in each worker at the fork
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-def _start_worker(context: BatchContext) -> None:
+def _die_with(parent: int) -> None:
+    """SIGKILL this worker when the stage's process dies, however it dies. The run's watchdog cannot
+    find a forked worker: it looks for a marker in each process's environment as exec'd, and a
+    fork keeps the parent's original one. An orphaned worker would wait forever on its task queue
+    (it holds the queue's write end too), keeping every file the stage had open, store locks
+    included, so the next run on the store would wait behind it. Linux: prctl(PR_SET_PDEATHSIG),
+    which fires when the thread that forked the worker ends; the stage's thread waits for its
+    workers, so that is the stage ending."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _start_worker(context: BatchContext, parent: int) -> None:
     global _CONTEXT
+    _die_with(parent)
     _CONTEXT = context
     # The parent may have run the tokenizer's Rust thread pool; its threads do not exist here.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -189,7 +207,7 @@ def prepared_in_order(context: BatchContext, batches: Iterable[RawBatch], worker
     # Objects the collector never visits stay in pages the workers share with this process; a
     # collection in either would touch (and so copy) every page of the ~1 GB the libraries hold.
     gc.freeze()
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(context,))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(context, os.getpid()))
     pending: deque = deque()
     try:
         for batch in batches:

@@ -111,6 +111,43 @@ def test_the_datasketch_backend_gives_the_same_files_on_workers(stage, tmp_path,
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
+def test_a_killed_data_stage_leaves_no_worker_behind(stage, tmp_path, tiny_base, tiny_benchmarks):
+    """kill -9 of the stage's process mid-stage: its forked workers go too (a worker orphaned on its
+    task queue would keep the stage's files and store locks open, and the next run would wait)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    config, inputs = tmp_path / "data.json", tmp_path / "inputs.json"
+    config.write_text(stage["config"].model_copy(update={"workers": 2, "contract_suites": False}).model_dump_json())
+    inputs.write_text(json.dumps({name: {"path": str(a.path), "manifest": a.manifest} for name, a in (("base", tiny_base), ("benchmarks", tiny_benchmarks))}))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "POSTTRAIN_STAGE": "data", "POSTTRAIN_FAILPOINT": "data:phase@3", "POSTTRAIN_TEST_TAG": tag}
+    command = [sys.executable, "-m", "tasks.data", "--config", str(config), "--inputs", str(inputs), "--out", str(tmp_path / "out")]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # a file, not a pipe: an orphaned worker would hold a pipe open
+        done = subprocess.run(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=300)
+    assert done.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+
+    def tagged() -> list[int]:  # the killed stage's process and everything forked from it carry the tag
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and f"POSTTRAIN_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 10
+    while tagged() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not tagged(), "a worker of the killed data stage is still running"
+
+
 def outputs(out_dir: Path, role: str) -> list[dict]:
     return read_jsonl(out_dir / role / "train.jsonl") + read_jsonl(out_dir / role / "eval.jsonl")
 
