@@ -176,14 +176,21 @@ class _Powers:
     """BASE**i and BASE**-i mod 2**64 for i < n, grown on demand (the rolling hash needs both)."""
 
     def __init__(self) -> None:
-        self.forward = self.inverse = np.ones(0, dtype=_U64)
+        self.tables = (np.ones(0, dtype=_U64), np.ones(0, dtype=_U64))
 
     def upto(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.forward) < n:
+        tables = self.tables  # one read: a thread growing them swaps both at once
+        if len(tables[0]) < n:
             size, inverse_base = max(n, _CHUNK_CHARS + 1), pow(_BASE, -1, 1 << 64)
-            self.forward = np.cumprod(np.full(size, _BASE, dtype=_U64)) * _U64(inverse_base)  # BASE**0 ...
-            self.inverse = np.cumprod(np.full(size, inverse_base, dtype=_U64)) * _U64(_BASE)
-        return self.forward, self.inverse
+            forward = np.cumprod(np.full(size, _BASE, dtype=_U64)) * _U64(inverse_base)  # BASE**0 ...
+            inverse = np.cumprod(np.full(size, inverse_base, dtype=_U64)) * _U64(_BASE)
+            self.tables = tables = (forward, inverse)
+        return tables
+
+
+# The tables grow on demand and only ever hold BASE**±i, so every caller without its own can share
+# them: built afresh per call they cost a 1M-entry cumprod each time (29 calls a run in decontamination).
+_SHARED_POWERS = _Powers()
 
 
 def _chunks(lengths: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -210,7 +217,7 @@ def shingle_hashes(keys: KeyCodes | list[str], size: int, unit: str, powers: _Po
     rows it sees. Every hash is odd, so the multiply-only permutations of minhash_signatures never
     map one to 0."""
     keys = keys if isinstance(keys, KeyCodes) else KeyCodes.from_texts(keys)
-    powers = powers or _Powers()
+    powers = powers or _SHARED_POWERS
     flat, counts = [], []
     key_starts = keys.starts
     for lo, hi in _chunks(keys.lengths):

@@ -40,7 +40,7 @@ from posttrain.config import DataConfig
 from posttrain.formatting import ChatFormat
 from tasks.data.clean import filter_batch, normalize_batch
 from tasks.data.decontaminate import BenchmarkIndex
-from tasks.data.dedup import ExactIndex, Sketches, _Powers, sketch
+from tasks.data.dedup import ExactIndex, Sketches, sketch
 from tasks.data.ingest import RawBatch, map_batch
 from tasks.data.keytext import near_dup_keys
 from tasks.data.records import ROLE_FIELDS, Row
@@ -55,7 +55,6 @@ class BatchContext:
     benchmarks: BenchmarkIndex | None
     dedup_fields: dict[str, list[str]]  # role -> the fields its dedup key joins
     frames: dict[str, CleanFrameBuilder] = field(init=False)  # per role: computes a row's contract columns
-    powers: _Powers = field(init=False, default_factory=_Powers)
 
     def __post_init__(self) -> None:
         self.frames = {role: CleanFrameBuilder(list(ROLE_FIELDS[role]), fields) for role, fields in self.dedup_fields.items()}
@@ -128,7 +127,7 @@ def prepare(context: BatchContext, batch: RawBatch) -> Prepared:
     if config.near_dup.enabled and rows:
         options = config.near_dup
         near = near_dup_keys([row.record for row in rows], fields, options.strip_punctuation, collapse=options.shingle_unit == "char")
-        near = sketch(near, options, context.powers) if options.backend == "numpy" else near.texts()
+        near = sketch(near, options) if options.backend == "numpy" else near.texts()
     lap("dedup")
     hits = context.benchmarks.matches_batch([row.record for row in rows], role) if context.benchmarks is not None else None
     lap("decontaminate")
